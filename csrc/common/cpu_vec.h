@@ -1,0 +1,70 @@
+// Small at::vec helpers for kernels that read/write float16, bfloat16, float32 or float64 and
+// compute in opmath (float for the 16-bit types and float32, double for float64).
+// Only included by *_cpu_kernel.cpp files, which are compiled once per CPU capability.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace metalcore::cpu {
+
+template <typename T>
+using opmath_t = at::opmath_type<T>;
+template <typename T>
+using fvec = at::vec::Vectorized<opmath_t<T>>;
+
+template <typename T>
+constexpr bool is_reduced_v = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+// Number of T elements processed per fvec.
+template <typename T>
+constexpr int64_t vec_len() {
+  return fvec<T>::size();
+}
+
+template <typename T>
+inline fvec<T> vload(const T* p) {
+  if constexpr (is_reduced_v<T>) {
+    fvec<T> out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  } else {
+    return fvec<T>::loadu(p);
+  }
+}
+
+// Loads `count` (< vec_len) elements; the rest of the vector is zero.
+template <typename T>
+inline fvec<T> vload(const T* p, int64_t count) {
+  if constexpr (is_reduced_v<T>) {
+    auto lo_hi = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count));
+    return std::get<0>(lo_hi);
+  } else {
+    return fvec<T>::loadu(p, count);
+  }
+}
+
+template <typename T>
+inline void vstore(T* p, const fvec<T>& v, int64_t count = vec_len<T>()) {
+  if constexpr (is_reduced_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, count);
+  } else {
+    v.store(p, count);
+  }
+}
+
+// Rounds to T and back, so a value computed in opmath equals what a T tensor would hold.
+template <typename T>
+inline fvec<T> vround(const fvec<T>& v) {
+  if constexpr (is_reduced_v<T>) {
+    auto lo_hi = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
+    return std::get<0>(lo_hi);
+  } else {
+    return v;
+  }
+}
+
+}  // namespace metalcore::cpu

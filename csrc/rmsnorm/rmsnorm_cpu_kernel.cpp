@@ -1,0 +1,166 @@
+// RMSNorm forward/backward on CPU: one parallel task per block of rows, each row read from
+// memory once (its second pass hits L1/L2), fp32 (or fp64) accumulation with at::vec.
+#include "rmsnorm/rmsnorm_cpu_kernel.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "common/cpu_vec.h"
+
+namespace metalcore::cpu::CPU_CAPABILITY {
+namespace {
+
+// Rows per parallel task: aim for ~32K elements so small rows do not drown in scheduling.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                  double eps_d, const at::Tensor& out, const at::Tensor& residual_out) {
+  using acc_t = opmath_t<T>;
+  using V = fvec<T>;
+  constexpr int64_t L = vec_len<T>();
+  const int64_t rows = x.size(0), n = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
+  const T* wp = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
+  T* op = out.mutable_data_ptr<T>();
+  T* hp = residual_out.defined() ? residual_out.mutable_data_ptr<T>() : nullptr;
+  const int64_t xs = x.stride(0), rs = rp ? residual.stride(0) : 0;
+  const acc_t eps = static_cast<acc_t>(eps_d);
+
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xr = xp + row * xs;
+      T* yr = op + row * n;
+      // Pass 1: sum of squares (of the rounded residual sum in the fused variant).
+      V ss_v(acc_t(0));
+      const T* src = xr;
+      if (rp != nullptr) {
+        const T* rr = rp + row * rs;
+        T* hr = hp + row * n;
+        for (int64_t j = 0; j < n; j += L) {
+          const int64_t c = std::min(L, n - j);
+          V h = c == L ? vround<T>(vload(xr + j) + vload(rr + j))
+                       : vround<T>(vload(xr + j, c) + vload(rr + j, c));
+          vstore(hr + j, h, c);
+          ss_v = at::vec::fmadd(h, h, ss_v);
+        }
+        src = hr;
+      } else {
+        for (int64_t j = 0; j < n; j += L) {
+          const int64_t c = std::min(L, n - j);
+          V v = c == L ? vload(xr + j) : vload(xr + j, c);
+          ss_v = at::vec::fmadd(v, v, ss_v);
+        }
+      }
+      const acc_t ss = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, ss_v);
+      const V rstd(acc_t(1) / std::sqrt(ss / static_cast<acc_t>(n) + eps));
+      // Pass 2: normalise and scale.
+      for (int64_t j = 0; j < n; j += L) {
+        const int64_t c = std::min(L, n - j);
+        V y = (c == L ? vload(src + j) : vload(src + j, c)) * rstd;
+        if (wp != nullptr) y = y * (c == L ? vload(wp + j) : vload(wp + j, c));
+        vstore(yr + j, y, c);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& grad_residual, double eps_d, const at::Tensor& grad_input,
+                   const at::Tensor& grad_weight) {
+  using acc_t = opmath_t<T>;
+  using V = fvec<T>;
+  constexpr int64_t L = vec_len<T>();
+  const int64_t rows = x.size(0), n = x.size(1);
+  const T* gp = grad_out.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = weight.defined() ? weight.const_data_ptr<T>() : nullptr;
+  const T* grp = grad_residual.defined() ? grad_residual.const_data_ptr<T>() : nullptr;
+  T* dxp = grad_input.mutable_data_ptr<T>();
+  const int64_t gs = grad_out.stride(0), xs = x.stride(0);
+  const int64_t grs = grp ? grad_residual.stride(0) : 0;
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(n, 1));
+
+  // grad_weight = sum over rows of g * x * rstd: each thread accumulates its own row of
+  // partials (no atomics, deterministic for a fixed thread count), reduced at the end.
+  const int64_t nthreads = at::get_num_threads();
+  at::Tensor dw_partial;
+  acc_t* dwp = nullptr;
+  if (wp != nullptr) {
+    dw_partial = at::zeros({nthreads, n}, x.options().dtype(c10::CppTypeToScalarType<acc_t>()));
+    dwp = dw_partial.mutable_data_ptr<acc_t>();
+  }
+
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    acc_t* dw = dwp ? dwp + at::get_thread_num() * n : nullptr;
+    for (int64_t row = begin; row < end; ++row) {
+      const T* gr = gp + row * gs;
+      const T* xr = xp + row * xs;
+      T* dxr = dxp + row * n;
+      // Pass 1: sum x^2 and sum (g * w) * x.
+      V ss_v(acc_t(0)), dot_v(acc_t(0));
+      for (int64_t j = 0; j < n; j += L) {
+        const int64_t c = std::min(L, n - j);
+        V xv = c == L ? vload(xr + j) : vload(xr + j, c);
+        V gv = c == L ? vload(gr + j) : vload(gr + j, c);
+        if (wp != nullptr) gv = gv * (c == L ? vload(wp + j) : vload(wp + j, c));
+        ss_v = at::vec::fmadd(xv, xv, ss_v);
+        dot_v = at::vec::fmadd(gv, xv, dot_v);
+      }
+      auto sum = [](V& a, V& b) { return a + b; };
+      const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss_v);
+      const acc_t dot = at::vec::vec_reduce_all<acc_t>(sum, dot_v);
+      const acc_t rstd_s = acc_t(1) / std::sqrt(ss * inv_n + eps);
+      // dx = rstd * g * w - x * rstd^3 * mean(g * w * x)
+      const V rstd(rstd_s);
+      const V coef(dot * rstd_s * rstd_s * rstd_s * inv_n);
+      // Pass 2: dx, and this thread's grad_weight partials.
+      for (int64_t j = 0; j < n; j += L) {
+        const int64_t c = std::min(L, n - j);
+        V xv = c == L ? vload(xr + j) : vload(xr + j, c);
+        V gv = c == L ? vload(gr + j) : vload(gr + j, c);
+        V gw = gv;
+        if (wp != nullptr) {
+          gw = gv * (c == L ? vload(wp + j) : vload(wp + j, c));
+          V acc = V::loadu(dw + j, c);
+          at::vec::fmadd(gv, xv * rstd, acc).store(dw + j, c);
+        }
+        V dx = gw * rstd - xv * coef;
+        if (grp != nullptr) {
+          const T* grr = grp + row * grs;
+          dx = dx + (c == L ? vload(grr + j) : vload(grr + j, c));
+        }
+        vstore(dxr + j, dx, c);
+      }
+    }
+  });
+
+  if (wp != nullptr) grad_weight.copy_(dw_partial.sum(0));
+}
+
+}  // namespace
+
+void rmsnorm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                     double eps, const at::Tensor& out, const at::Tensor& residual_out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmsnorm_forward",
+                                  [&] { forward_impl<scalar_t>(x, residual, weight, eps, out,
+                                                               residual_out); });
+}
+
+void rmsnorm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& grad_residual, double eps, const at::Tensor& grad_input,
+                      const at::Tensor& grad_weight) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmsnorm_backward",
+                                  [&] {
+                                    backward_impl<scalar_t>(grad_out, x, weight, grad_residual,
+                                                            eps, grad_input, grad_weight);
+                                  });
+}
+
+}  // namespace metalcore::cpu::CPU_CAPABILITY

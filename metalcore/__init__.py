@@ -1,0 +1,36 @@
+"""metalcore: fused training and inference ops as first-class PyTorch dispatcher ops.
+
+Every kernel is a ``torch.ops.metalcore.*`` operator with CPU, MPS (Metal) and CUDA kernels, a
+fake implementation (FakeTensor, ``torch.compile``, ``torch.export``) and autograd whose backward
+is itself a metalcore op. ``import metalcore`` registers them all; exported ``.pt2`` files that
+use them load in any process that has imported metalcore.
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before the native library)
+
+from . import _library
+
+_library.load()
+
+from . import _fakes  # noqa: E402,F401  (registers the fake implementations)
+from .functional import (  # noqa: E402
+    adamw_step,
+    fused_add_rmsnorm,
+    gelu,
+    rmsnorm,
+    rope,
+    silu,
+    swiglu,
+)
+
+__version__ = "0.2.0.dev0"
+
+__all__ = [
+    "adamw_step",
+    "fused_add_rmsnorm",
+    "gelu",
+    "rmsnorm",
+    "rope",
+    "silu",
+    "swiglu",
+]

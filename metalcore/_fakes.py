@@ -1,0 +1,146 @@
+"""Fake (meta) implementations of every metalcore op.
+
+FakeTensor tracing (``torch.compile``, ``torch.export``, ``opcheck``) runs these instead of a
+kernel: they read only shapes, dtypes and devices, use symbolic sizes as given (so a new batch size
+does not recompile), and return tensors with exactly the strides the real kernels produce
+(contiguous). Value checks that decide output shapes use ``torch._check`` so that tracing fails
+with the same message eager mode gives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import register_fake
+
+
+def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(
+                f"metalcore.{op}: '{name}' must be on the same device as '{ref_name}' "
+                f"({ref.device}), got {t.device}"
+            )
+
+
+def _check_rmsnorm_weight(op: str, input: torch.Tensor, weight: torch.Tensor | None) -> None:
+    _check_same_device(op, "input", input, weight=weight)
+    if weight is not None:
+        torch._check(
+            weight.dim() == 1 and weight.shape[0] == input.shape[-1],
+            lambda: f"metalcore.{op}: 'weight' must have shape [{input.shape[-1]}] "
+            f"(the last dim of 'input'), got {list(weight.shape)}",
+        )
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------
+
+
+@register_fake("metalcore::rmsnorm")
+def _rmsnorm(input, weight, eps):
+    _check_rmsnorm_weight("rmsnorm", input, weight)
+    return input.new_empty(input.shape)
+
+
+@register_fake("metalcore::rmsnorm_backward")
+def _rmsnorm_backward(grad_out, input, weight, eps):
+    _check_rmsnorm_weight("rmsnorm_backward", input, weight)
+    n = input.shape[-1] if weight is not None else 0
+    return input.new_empty(input.shape), input.new_empty((n,))
+
+
+@register_fake("metalcore::fused_add_rmsnorm")
+def _fused_add_rmsnorm(input, residual, weight, eps):
+    _check_rmsnorm_weight("fused_add_rmsnorm", input, weight)
+    torch._check(
+        residual.shape == input.shape,
+        lambda: "metalcore.fused_add_rmsnorm: 'residual' must have the same shape as 'input'",
+    )
+    return input.new_empty(input.shape), input.new_empty(input.shape)
+
+
+@register_fake("metalcore::fused_add_rmsnorm_backward")
+def _fused_add_rmsnorm_backward(grad_out, grad_residual_out, residual_out, weight, eps):
+    _check_rmsnorm_weight("fused_add_rmsnorm_backward", residual_out, weight)
+    n = residual_out.shape[-1] if weight is not None else 0
+    return residual_out.new_empty(residual_out.shape), residual_out.new_empty((n,))
+
+
+# --- Activations -------------------------------------------------------------------------------
+
+
+def _check_approximate(op: str, approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(
+            f"metalcore.{op}: 'approximate' must be 'none' or 'tanh', got {approximate!r}"
+        )
+
+
+@register_fake("metalcore::silu")
+def _silu(input):
+    return input.new_empty(input.shape)
+
+
+@register_fake("metalcore::silu_backward")
+def _silu_backward(grad_out, input):
+    return input.new_empty(input.shape)
+
+
+@register_fake("metalcore::gelu")
+def _gelu(input, approximate="none"):
+    _check_approximate("gelu", approximate)
+    return input.new_empty(input.shape)
+
+
+@register_fake("metalcore::gelu_backward")
+def _gelu_backward(grad_out, input, approximate="none"):
+    _check_approximate("gelu_backward", approximate)
+    return input.new_empty(input.shape)
+
+
+@register_fake("metalcore::swiglu")
+def _swiglu(gate, up):
+    torch._check(
+        gate.shape == up.shape,
+        lambda: "metalcore.swiglu: 'up' must have the same shape as 'gate'",
+    )
+    return gate.new_empty(gate.shape)
+
+
+@register_fake("metalcore::swiglu_backward")
+def _swiglu_backward(grad_out, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+# --- RoPE --------------------------------------------------------------------------------------
+
+
+@register_fake("metalcore::rope")
+def _rope(q, k, cos, sin, interleaved=False):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@register_fake("metalcore::rope_backward")
+def _rope_backward(grad_q_out, grad_k_out, cos, sin, interleaved=False):
+    return grad_q_out.new_empty(grad_q_out.shape), grad_k_out.new_empty(grad_k_out.shape)
+
+
+# --- AdamW -------------------------------------------------------------------------------------
+
+
+@register_fake("metalcore::adamw")
+def _adamw(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    lr,
+    beta1,
+    beta2,
+    weight_decay,
+    eps,
+    amsgrad=False,
+    maximize=False,
+):
+    return None

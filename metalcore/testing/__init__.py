@@ -1,0 +1,1 @@
+"""Shared references and helpers for metalcore's tests and benchmarks."""

@@ -1,0 +1,37 @@
+"""Pure-PyTorch reference implementations, written out independently of the kernels.
+
+Tests compare the ops against these (in float64 where the op's dtype allows) and benchmarks use
+them as the "eager" and "torch.compile" baselines. They follow the formulations of PyTorch and
+Hugging Face transformers (LlamaRMSNorm, apply_rotary_pos_emb, LlamaMLP) without importing them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rmsnorm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm computed in float64 (or float32 math upcast), returned in x's dtype."""
+    acc = torch.float64
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(x.dtype)
+
+
+def hf_llama_rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm.forward, written out (rounds before the weight multiply)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def fused_add_rmsnorm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    h = x + residual  # rounded to the input dtype, as unfused code would
+    return rmsnorm(h, weight, eps), h
