@@ -35,3 +35,33 @@ def fused_add_rmsnorm(
 ) -> tuple[Tensor, Tensor]:
     h = x + residual  # rounded to the input dtype, as unfused code would
     return rmsnorm(h, weight, eps), h
+
+
+# --- Activations -----------------------------------------------------------------------------
+
+
+def silu(x: Tensor) -> Tensor:
+    xd = x.double()
+    return (xd * torch.sigmoid(xd)).to(x.dtype)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    xd = x.double()
+    if approximate == "tanh":
+        inner = (2.0 / torch.pi) ** 0.5 * (xd + 0.044715 * xd.pow(3))
+        y = 0.5 * xd * (1.0 + torch.tanh(inner))
+    else:
+        y = 0.5 * xd * (1.0 + torch.erf(xd / 2.0**0.5))
+    return y.to(x.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    g = gate.double()
+    return (g * torch.sigmoid(g) * up.double()).to(gate.dtype)
+
+
+def hf_llama_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """transformers' LlamaMLP.forward: down_proj(act_fn(gate_proj(x)) * up_proj(x)), act=silu."""
+    gate = torch.nn.functional.linear(x, w_gate)
+    up = torch.nn.functional.linear(x, w_up)
+    return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down)

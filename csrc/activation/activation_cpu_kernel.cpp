@@ -1,0 +1,137 @@
+// SiLU, GELU (erf and tanh) and SwiGLU on CPU, forward and backward, in opmath precision.
+#include "activation/activation_cpu_kernel.h"
+
+#include <ATen/Dispatch.h>
+
+#include "common/cpu_elementwise.h"
+
+namespace metalcore::cpu::CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+using V = fvec<T>;
+template <typename T>
+using A = opmath_t<T>;
+
+template <typename T>
+V<T> sigmoid(const V<T>& x) {
+  const V<T> one{A<T>(1)};
+  return one / (one + x.neg().exp());
+}
+
+// gelu'(x) and gelu(x) share their transcendental: compute both from one evaluation.
+constexpr double kSqrt1_2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kTanhCoef = 0.044715;
+
+#define METALCORE_DISPATCH_FLOAT(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+}  // namespace
+
+void silu_forward(const at::Tensor& x, const at::Tensor& out) {
+  METALCORE_DISPATCH_FLOAT(x.scalar_type(), "silu_forward", [&] {
+    using T = scalar_t;
+    elementwise<T, 1, 1>(x.numel(), {x.const_data_ptr<T>()}, {out.mutable_data_ptr<T>()},
+                         [](const std::array<V<T>, 1>& v) {
+                           return std::array<V<T>, 1>{v[0] * sigmoid<T>(v[0])};
+                         });
+  });
+}
+
+void silu_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& grad_input) {
+  METALCORE_DISPATCH_FLOAT(x.scalar_type(), "silu_backward", [&] {
+    using T = scalar_t;
+    elementwise<T, 2, 1>(
+        x.numel(), {grad_out.const_data_ptr<T>(), x.const_data_ptr<T>()},
+        {grad_input.mutable_data_ptr<T>()}, [](const std::array<V<T>, 2>& v) {
+          // d/dx[x * s(x)] = s * (1 + x * (1 - s))
+          const V<T> one{A<T>(1)};
+          const V<T> s = sigmoid<T>(v[1]);
+          return std::array<V<T>, 1>{v[0] * s * (one + v[1] * (one - s))};
+        });
+  });
+}
+
+void gelu_forward(const at::Tensor& x, bool tanh_approx, const at::Tensor& out) {
+  METALCORE_DISPATCH_FLOAT(x.scalar_type(), "gelu_forward", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    const V<T> half{A<T>(0.5)}, one{A<T>(1)};
+    if (tanh_approx) {
+      const V<T> k{A<T>(kSqrt2OverPi)}, c{A<T>(kTanhCoef)};
+      elementwise<T, 1, 1>(x.numel(), {xp}, {op}, [&](const std::array<V<T>, 1>& v) {
+        const V<T> x3 = v[0] * v[0] * v[0];
+        const V<T> t = (k * (v[0] + c * x3)).tanh();
+        return std::array<V<T>, 1>{half * v[0] * (one + t)};
+      });
+    } else {
+      const V<T> r{A<T>(kSqrt1_2)};
+      elementwise<T, 1, 1>(x.numel(), {xp}, {op}, [&](const std::array<V<T>, 1>& v) {
+        return std::array<V<T>, 1>{half * v[0] * (one + (v[0] * r).erf())};
+      });
+    }
+  });
+}
+
+void gelu_backward(const at::Tensor& grad_out, const at::Tensor& x, bool tanh_approx,
+                   const at::Tensor& grad_input) {
+  METALCORE_DISPATCH_FLOAT(x.scalar_type(), "gelu_backward", [&] {
+    using T = scalar_t;
+    const std::array<const T*, 2> in = {grad_out.const_data_ptr<T>(), x.const_data_ptr<T>()};
+    const std::array<T*, 1> out = {grad_input.mutable_data_ptr<T>()};
+    const V<T> half{A<T>(0.5)}, one{A<T>(1)};
+    if (tanh_approx) {
+      const V<T> k{A<T>(kSqrt2OverPi)}, c{A<T>(kTanhCoef)}, c3{A<T>(3 * kTanhCoef)};
+      elementwise<T, 2, 1>(x.numel(), in, out, [&](const std::array<V<T>, 2>& v) {
+        // u = k (x + c x^3), t = tanh(u): d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
+        const V<T>& xv = v[1];
+        const V<T> x2 = xv * xv;
+        const V<T> t = (k * (xv + c * x2 * xv)).tanh();
+        const V<T> d = half * (one + t) + half * xv * (one - t * t) * k * (one + c3 * x2);
+        return std::array<V<T>, 1>{v[0] * d};
+      });
+    } else {
+      const V<T> r{A<T>(kSqrt1_2)}, p{A<T>(kInvSqrt2Pi)}, mhalf{A<T>(-0.5)};
+      elementwise<T, 2, 1>(x.numel(), in, out, [&](const std::array<V<T>, 2>& v) {
+        // d/dx = Phi(x) + x phi(x)
+        const V<T>& xv = v[1];
+        const V<T> cdf = half * (one + (xv * r).erf());
+        const V<T> pdf = p * (mhalf * xv * xv).exp();
+        return std::array<V<T>, 1>{v[0] * (cdf + xv * pdf)};
+      });
+    }
+  });
+}
+
+void swiglu_forward(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) {
+  METALCORE_DISPATCH_FLOAT(gate.scalar_type(), "swiglu_forward", [&] {
+    using T = scalar_t;
+    elementwise<T, 2, 1>(gate.numel(), {gate.const_data_ptr<T>(), up.const_data_ptr<T>()},
+                         {out.mutable_data_ptr<T>()}, [](const std::array<V<T>, 2>& v) {
+                           return std::array<V<T>, 1>{v[0] * sigmoid<T>(v[0]) * v[1]};
+                         });
+  });
+}
+
+void swiglu_backward(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
+                     const at::Tensor& grad_gate, const at::Tensor& grad_up) {
+  METALCORE_DISPATCH_FLOAT(gate.scalar_type(), "swiglu_backward", [&] {
+    using T = scalar_t;
+    elementwise<T, 3, 2>(
+        gate.numel(),
+        {grad_out.const_data_ptr<T>(), gate.const_data_ptr<T>(), up.const_data_ptr<T>()},
+        {grad_gate.mutable_data_ptr<T>(), grad_up.mutable_data_ptr<T>()},
+        [](const std::array<V<T>, 3>& v) {
+          const V<T> one{A<T>(1)};
+          const V<T> s = sigmoid<T>(v[1]);
+          const V<T> silu = v[1] * s;
+          // d gate = g * up * s (1 + gate (1 - s)); d up = g * silu(gate)
+          return std::array<V<T>, 2>{v[0] * v[2] * s * (one + v[1] * (one - s)), v[0] * silu};
+        });
+  });
+}
+
+}  // namespace metalcore::cpu::CPU_CAPABILITY

@@ -1,0 +1,32 @@
+// Parallel, vectorised elementwise loop over contiguous arrays for the *_cpu_kernel.cpp files:
+// f maps NIN opmath vectors to NOUT opmath vectors; loads and stores convert from/to T.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <array>
+
+#include "common/cpu_vec.h"
+
+namespace metalcore::cpu {
+
+// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
+constexpr int64_t kElementwiseGrain = 32768;
+
+template <typename T, size_t NIN, size_t NOUT, typename F>
+void elementwise(int64_t n, const std::array<const T*, NIN>& in, const std::array<T*, NOUT>& out,
+                 const F& f) {
+  using V = fvec<T>;
+  constexpr int64_t L = vec_len<T>();
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += L) {
+      const int64_t c = std::min(L, end - i);
+      std::array<V, NIN> xs;
+      for (size_t k = 0; k < NIN; ++k) xs[k] = c == L ? vload(in[k] + i) : vload(in[k] + i, c);
+      const std::array<V, NOUT> ys = f(xs);
+      for (size_t k = 0; k < NOUT; ++k) vstore(out[k] + i, ys[k], c);
+    }
+  });
+}
+
+}  // namespace metalcore::cpu
