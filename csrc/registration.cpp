@@ -38,7 +38,8 @@ TORCH_LIBRARY(metalcore, m) {
   // swiglu(gate, up) = silu(gate) * up
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor", tags);
   m.def(
-      "swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)",
+      "swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor "
+      "grad_up)",
       tags);
 
   // --- Rotary embedding of q and k in one op. q: [B, Hq, S, D], k: [B, Hk, S, D];

@@ -27,8 +27,10 @@ def _check_rmsnorm_weight(op: str, input: torch.Tensor, weight: torch.Tensor | N
     if weight is not None:
         torch._check(
             weight.dim() == 1 and weight.shape[0] == input.shape[-1],
-            lambda: f"metalcore.{op}: 'weight' must have shape [{input.shape[-1]}] "
-            f"(the last dim of 'input'), got {list(weight.shape)}",
+            lambda: (
+                f"metalcore.{op}: 'weight' must have shape [{input.shape[-1]}] "
+                f"(the last dim of 'input'), got {list(weight.shape)}"
+            ),
         )
 
 

@@ -52,8 +52,7 @@ class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
-        op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-            "swiglu_backward");
+        op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("swiglu_backward");
     const auto saved = ctx->get_saved_variables();
     auto [grad_gate, grad_up] = op.call(grads[0], saved[0], saved[1]);
     return {grad_gate, grad_up};

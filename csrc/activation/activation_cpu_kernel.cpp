@@ -33,24 +33,22 @@ constexpr double kTanhCoef = 0.044715;
 void silu_forward(const at::Tensor& x, const at::Tensor& out) {
   METALCORE_DISPATCH_FLOAT(x.scalar_type(), "silu_forward", [&] {
     using T = scalar_t;
-    elementwise<T, 1, 1>(x.numel(), {x.const_data_ptr<T>()}, {out.mutable_data_ptr<T>()},
-                         [](const std::array<V<T>, 1>& v) {
-                           return std::array<V<T>, 1>{v[0] * sigmoid<T>(v[0])};
-                         });
+    elementwise<T, 1, 1>(
+        x.numel(), {x.const_data_ptr<T>()}, {out.mutable_data_ptr<T>()},
+        [](const std::array<V<T>, 1>& v) { return std::array<V<T>, 1>{v[0] * sigmoid<T>(v[0])}; });
   });
 }
 
 void silu_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& grad_input) {
   METALCORE_DISPATCH_FLOAT(x.scalar_type(), "silu_backward", [&] {
     using T = scalar_t;
-    elementwise<T, 2, 1>(
-        x.numel(), {grad_out.const_data_ptr<T>(), x.const_data_ptr<T>()},
-        {grad_input.mutable_data_ptr<T>()}, [](const std::array<V<T>, 2>& v) {
-          // d/dx[x * s(x)] = s * (1 + x * (1 - s))
-          const V<T> one{A<T>(1)};
-          const V<T> s = sigmoid<T>(v[1]);
-          return std::array<V<T>, 1>{v[0] * s * (one + v[1] * (one - s))};
-        });
+    elementwise<T, 2, 1>(x.numel(), {grad_out.const_data_ptr<T>(), x.const_data_ptr<T>()},
+                         {grad_input.mutable_data_ptr<T>()}, [](const std::array<V<T>, 2>& v) {
+                           // d/dx[x * s(x)] = s * (1 + x * (1 - s))
+                           const V<T> one{A<T>(1)};
+                           const V<T> s = sigmoid<T>(v[1]);
+                           return std::array<V<T>, 1>{v[0] * s * (one + v[1] * (one - s))};
+                         });
   });
 }
 

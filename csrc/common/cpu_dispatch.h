@@ -11,14 +11,14 @@ bool use_avx2();
 }  // namespace metalcore::cpu
 
 // Declares a family's kernel functions in every capability namespace.
-#define METALCORE_DECLARE_CPU_KERNELS(DECLS)  \
-  namespace metalcore::cpu {                  \
-  namespace DEFAULT {                         \
-  DECLS                                       \
-  }                                           \
-  namespace AVX2 {                            \
-  DECLS                                       \
-  }                                           \
+#define METALCORE_DECLARE_CPU_KERNELS(DECLS) \
+  namespace metalcore::cpu {                 \
+  namespace DEFAULT {                        \
+  DECLS                                      \
+  }                                          \
+  namespace AVX2 {                           \
+  DECLS                                      \
+  }                                          \
   }
 
 #ifdef METALCORE_HAVE_AVX2

@@ -28,9 +28,9 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
             "rmsnorm_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[1];
-    auto [grad_input, grad_weight] = op.call(grads[0], saved[0],
-                                             weight.defined() ? OptTensor(weight) : std::nullopt,
-                                             ctx->saved_data["eps"].toDouble());
+    auto [grad_input, grad_weight] =
+        op.call(grads[0], saved[0], weight.defined() ? OptTensor(weight) : std::nullopt,
+                ctx->saved_data["eps"].toDouble());
     return {grad_input, weight.defined() ? grad_weight : at::Tensor(), at::Tensor()};
   }
 };
@@ -53,18 +53,16 @@ class FusedAddRmsNormFunction : public torch::autograd::Function<FusedAddRmsNorm
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        op_handle<Pair(const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&,
-                       double)>("fused_add_rmsnorm_backward");
+    static const auto op = op_handle<Pair(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                          const OptTensor&, double)>("fused_add_rmsnorm_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& residual_out = saved[0];
     const at::Tensor& weight = saved[1];
     at::Tensor grad_out = grads[0];
     if (!grad_out.defined()) grad_out = at::zeros_like(residual_out);
-    auto [grad_x, grad_weight] =
-        op.call(grad_out, grads[1].defined() ? OptTensor(grads[1]) : std::nullopt, residual_out,
-                weight.defined() ? OptTensor(weight) : std::nullopt,
-                ctx->saved_data["eps"].toDouble());
+    auto [grad_x, grad_weight] = op.call(
+        grad_out, grads[1].defined() ? OptTensor(grads[1]) : std::nullopt, residual_out,
+        weight.defined() ? OptTensor(weight) : std::nullopt, ctx->saved_data["eps"].toDouble());
     // d(input + residual)/d input = d/d residual = identity.
     return {grad_x, grad_x, weight.defined() ? grad_weight : at::Tensor(), at::Tensor()};
   }
@@ -85,8 +83,7 @@ Pair rmsnorm_backward_autograd(const at::Tensor& grad_out, const at::Tensor& inp
   static const auto op =
       op_handle<Pair(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
           "rmsnorm_backward");
-  check_no_double_backward("rmsnorm_backward",
-                           {grad_out, input, weight.value_or(at::Tensor())});
+  check_no_double_backward("rmsnorm_backward", {grad_out, input, weight.value_or(at::Tensor())});
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(grad_out, input, weight, eps);
 }
@@ -95,9 +92,8 @@ Pair fused_add_rmsnorm_backward_autograd(const at::Tensor& grad_out,
                                          const OptTensor& grad_residual_out,
                                          const at::Tensor& residual_out, const OptTensor& weight,
                                          double eps) {
-  static const auto op =
-      op_handle<Pair(const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&,
-                     double)>("fused_add_rmsnorm_backward");
+  static const auto op = op_handle<Pair(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                        const OptTensor&, double)>("fused_add_rmsnorm_backward");
   check_no_double_backward("fused_add_rmsnorm_backward",
                            {grad_out, grad_residual_out.value_or(at::Tensor()), residual_out,
                             weight.value_or(at::Tensor())});

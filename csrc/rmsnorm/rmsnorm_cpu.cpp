@@ -28,14 +28,15 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_backward_cpu(const at::Tensor& grad_o
   check_same_shape("rmsnorm_backward", "grad_out", grad_out, "input", input);
   const at::Tensor w = rmsnorm::weight_or_undefined(weight);
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_weight = w.defined() ? at::empty({n}, input.options()) : at::empty({0}, input.options());
+  at::Tensor grad_weight =
+      w.defined() ? at::empty({n}, input.options()) : at::empty({0}, input.options());
   if (input.numel() == 0) {
     grad_weight.zero_();
     return {grad_input, grad_weight};
   }
   METALCORE_CPU_DISPATCH(rmsnorm_backward, rmsnorm::as_rows(grad_out, n),
-                         rmsnorm::as_rows(input, n), w, at::Tensor(), eps,
-                         grad_input.view({-1, n}), grad_weight);
+                         rmsnorm::as_rows(input, n), w, at::Tensor(), eps, grad_input.view({-1, n}),
+                         grad_weight);
   return {grad_input, grad_weight};
 }
 
@@ -51,9 +52,9 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rmsnorm_cpu(const at::Tensor& input
   at::Tensor out = at::empty(input.sizes(), input.options());
   at::Tensor residual_out = at::empty(input.sizes(), input.options());
   if (input.numel() == 0) return {out, residual_out};
-  METALCORE_CPU_DISPATCH(rmsnorm_forward, rmsnorm::as_rows(input, n),
-                         rmsnorm::as_rows(residual, n), rmsnorm::weight_or_undefined(weight), eps,
-                         out.view({-1, n}), residual_out.view({-1, n}));
+  METALCORE_CPU_DISPATCH(rmsnorm_forward, rmsnorm::as_rows(input, n), rmsnorm::as_rows(residual, n),
+                         rmsnorm::weight_or_undefined(weight), eps, out.view({-1, n}),
+                         residual_out.view({-1, n}));
   return {out, residual_out};
 }
 

@@ -2,9 +2,9 @@
 // memory once (its second pass hits L1/L2), fp32 (or fp64) accumulation with at::vec.
 #include "rmsnorm/rmsnorm_cpu_kernel.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ATen.h>
 
 #include <cmath>
 
@@ -148,19 +148,18 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
 
 void rmsnorm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                      double eps, const at::Tensor& out, const at::Tensor& residual_out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmsnorm_forward",
-                                  [&] { forward_impl<scalar_t>(x, residual, weight, eps, out,
-                                                               residual_out); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "rmsnorm_forward",
+      [&] { forward_impl<scalar_t>(x, residual, weight, eps, out, residual_out); });
 }
 
 void rmsnorm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                       const at::Tensor& grad_residual, double eps, const at::Tensor& grad_input,
                       const at::Tensor& grad_weight) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rmsnorm_backward",
-                                  [&] {
-                                    backward_impl<scalar_t>(grad_out, x, weight, grad_residual,
-                                                            eps, grad_input, grad_weight);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "rmsnorm_backward", [&] {
+        backward_impl<scalar_t>(grad_out, x, weight, grad_residual, eps, grad_input, grad_weight);
+      });
 }
 
 }  // namespace metalcore::cpu::CPU_CAPABILITY

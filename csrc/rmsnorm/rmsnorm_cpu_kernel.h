@@ -7,11 +7,11 @@
 
 #include "common/cpu_dispatch.h"
 
-#define METALCORE_RMSNORM_CPU_KERNELS                                                          \
-  /* out = rmsnorm(x [+ residual]) * weight; residual_out = x + residual when given. */        \
-  void rmsnorm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, \
-                       double eps, const at::Tensor& out, const at::Tensor& residual_out);     \
-  /* grad_input (+= grad_residual when given) and grad_weight (when weight is given). */        \
+#define METALCORE_RMSNORM_CPU_KERNELS                                                              \
+  /* out = rmsnorm(x [+ residual]) * weight; residual_out = x + residual when given. */            \
+  void rmsnorm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,  \
+                       double eps, const at::Tensor& out, const at::Tensor& residual_out);         \
+  /* grad_input (+= grad_residual when given) and grad_weight (when weight is given). */           \
   void rmsnorm_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, \
                         const at::Tensor& grad_residual, double eps, const at::Tensor& grad_input, \
                         const at::Tensor& grad_weight);

@@ -35,8 +35,13 @@ def _forward(name, x, y=None, approximate="none"):
     return metalcore.swiglu(x, y), ref.swiglu(x, y)
 
 
-@given(shape=shapes, dtype=st.sampled_from(FLOAT_DTYPES), layout=st.sampled_from(LAYOUTS),
-       name=st.sampled_from(["silu", "gelu", "swiglu"]), approximate=approximates)
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    name=st.sampled_from(["silu", "gelu", "swiglu"]),
+    approximate=approximates,
+)
 def test_forward_matches_float64_reference(shape, dtype, layout, name, approximate):
     x = make_layout(torch.randn(shape, dtype=dtype) * 3, layout)
     y = make_layout(torch.randn(shape, dtype=dtype), layout)
@@ -57,15 +62,21 @@ def test_forward_matches_torch(dtype):
 
 def test_llama_mlp_formulation():
     x = torch.randn(2, 5, 32, dtype=torch.float64)
-    wg, wu, wd = (torch.randn(64, 32, dtype=torch.float64),
-                  torch.randn(64, 32, dtype=torch.float64),
-                  torch.randn(32, 64, dtype=torch.float64))
+    wg, wu, wd = (
+        torch.randn(64, 32, dtype=torch.float64),
+        torch.randn(64, 32, dtype=torch.float64),
+        torch.randn(32, 64, dtype=torch.float64),
+    )
     mine = F.linear(metalcore.swiglu(F.linear(x, wg), F.linear(x, wu)), wd)
     torch.testing.assert_close(mine, ref.hf_llama_mlp(x, wg, wu, wd))
 
 
-@given(shape=shapes, dtype=st.sampled_from(FLOAT_DTYPES), layout=st.sampled_from(LAYOUTS),
-       approximate=approximates)
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    approximate=approximates,
+)
 def test_backward_ops_match_float64_autograd(shape, dtype, layout, approximate):
     x = make_layout(torch.randn(shape, dtype=dtype) * 3, layout)
     u = make_layout(torch.randn(shape, dtype=dtype), layout)
@@ -95,8 +106,13 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(ops.swiglu, (x, u))
 
 
-@given(shape=shapes, dtype=st.sampled_from(FLOAT_DTYPES), layout=st.sampled_from(LAYOUTS),
-       approximate=approximates, rg=st.booleans())
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    approximate=approximates,
+    rg=st.booleans(),
+)
 def test_opcheck(shape, dtype, layout, approximate, rg):
     x = make_layout(torch.randn(shape, dtype=dtype), layout).requires_grad_(rg)
     u = make_layout(torch.randn(shape, dtype=dtype), layout).requires_grad_(rg)
@@ -127,7 +143,9 @@ def test_empty_and_special_values():
 
 def test_bad_inputs_name_op_and_argument():
     x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match=r"metalcore\.gelu: 'approximate' must be 'none' or 'tanh'"):
+    with pytest.raises(
+        ValueError, match=r"metalcore\.gelu: 'approximate' must be 'none' or 'tanh'"
+    ):
         ops.gelu(x, "fast")
     with pytest.raises(TypeError, match=r"metalcore\.silu: 'input' must be float16"):
         ops.silu(torch.ones(3, dtype=torch.int64))
@@ -135,7 +153,9 @@ def test_bad_inputs_name_op_and_argument():
         ops.swiglu(x, torch.randn(4, 9))
     with pytest.raises(TypeError, match=r"metalcore\.swiglu: 'up' must have the same dtype"):
         ops.swiglu(x, torch.randn(4, 8, dtype=torch.float16))
-    with pytest.raises(ValueError, match=r"metalcore\.silu_backward: 'grad_out' must have the same"):
+    with pytest.raises(
+        ValueError, match=r"metalcore\.silu_backward: 'grad_out' must have the same"
+    ):
         ops.silu_backward(torch.randn(3), x)
 
 
@@ -143,8 +163,9 @@ def test_compile_fullgraph_without_recompiles():
     def mlp(x, u):
         return ops.swiglu(x, u) + ops.gelu(x, "tanh") * ops.silu(u) + ops.gelu(u, "none")
 
-    check_compile_no_recompile(mlp, lambda n: (torch.randn(n, 24), torch.randn(n, 24)),
-                               [4, 7, 19, 40])
+    check_compile_no_recompile(
+        mlp, lambda n: (torch.randn(n, 24), torch.randn(n, 24)), [4, 7, 19, 40]
+    )
     compiled = torch.compile(mlp, fullgraph=True, dynamic=True)
     a = [torch.randn(6, 24, requires_grad=True) for _ in range(2)]
     compiled(*a).sum().backward()
@@ -169,6 +190,10 @@ class _MLP(torch.nn.Module):
 def test_export_roundtrip_in_fresh_process(tmp_path):
     b = torch.export.Dim("b", max=128)
     export_roundtrip(
-        _MLP(16, 40), (torch.randn(4, 16),), ({0: b},), (torch.randn(9, 16),), tmp_path,
+        _MLP(16, 40),
+        (torch.randn(4, 16),),
+        ({0: b},),
+        (torch.randn(9, 16),),
+        tmp_path,
         expect_ops=["metalcore.swiglu.default", "metalcore.gelu.default", "metalcore.silu.default"],
     )

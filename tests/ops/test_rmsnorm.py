@@ -24,8 +24,13 @@ row_sizes = st.sampled_from([1, 2, 7, 8, 9, 17, 31, 64, 100, 257, 1024])
 lead_shapes = st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple)
 
 
-@given(lead=lead_shapes, n=row_sizes, dtype=st.sampled_from(FLOAT_DTYPES),
-       layout=st.sampled_from(LAYOUTS), with_weight=st.booleans())
+@given(
+    lead=lead_shapes,
+    n=row_sizes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    with_weight=st.booleans(),
+)
 def test_forward_matches_float64_reference(lead, n, dtype, layout, with_weight):
     x = make_layout(torch.randn(*lead, n, dtype=dtype), layout)
     w = torch.randn(n, dtype=dtype) if with_weight else None
@@ -45,8 +50,13 @@ def test_forward_matches_torch_and_hf(dtype):
     assert_close(metalcore.rmsnorm(x, w, 1e-6), hf, rtol=2 * 1.6e-2, atol=2 * 1.6e-2)
 
 
-@given(lead=lead_shapes, n=row_sizes, dtype=st.sampled_from(FLOAT_DTYPES),
-       layout=st.sampled_from(LAYOUTS), with_weight=st.booleans())
+@given(
+    lead=lead_shapes,
+    n=row_sizes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    with_weight=st.booleans(),
+)
 def test_backward_matches_float64_autograd(lead, n, dtype, layout, with_weight):
     x = make_layout(torch.randn(*lead, n, dtype=dtype), layout)
     w = torch.randn(n, dtype=dtype) if with_weight else None
@@ -74,13 +84,20 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a: ops.rmsnorm(a, None, 1e-5), (x,))
     assert torch.autograd.gradcheck(lambda a, b, c: ops.fused_add_rmsnorm(a, b, c, 1e-5), (x, r, w))
     # Only one output used: the other gets no gradient (None), which the backward handles.
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.fused_add_rmsnorm(a, b, c, 1e-5)[0],
-                                    (x, r, w))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.fused_add_rmsnorm(a, b, c, 1e-5)[0], (x, r, w)
+    )
     assert torch.autograd.gradcheck(lambda a, b: ops.fused_add_rmsnorm(a, b, None, 1e-5)[1], (x, r))
 
 
-@given(lead=lead_shapes, n=row_sizes, dtype=st.sampled_from(FLOAT_DTYPES),
-       layout=st.sampled_from(LAYOUTS), with_weight=st.booleans(), rg=st.booleans())
+@given(
+    lead=lead_shapes,
+    n=row_sizes,
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    with_weight=st.booleans(),
+    rg=st.booleans(),
+)
 def test_opcheck(lead, n, dtype, layout, with_weight, rg):
     x = make_layout(torch.randn(*lead, n, dtype=dtype), layout).requires_grad_(rg)
     r = torch.randn(*lead, n, dtype=dtype, requires_grad=rg)
@@ -94,8 +111,9 @@ def test_opcheck(lead, n, dtype, layout, with_weight, rg):
     torch.library.opcheck(ops.fused_add_rmsnorm_backward.default, (g, None, xd, wd, 1e-6))
 
 
-@given(lead=lead_shapes, n=row_sizes, dtype=st.sampled_from(FLOAT_DTYPES),
-       with_weight=st.booleans())
+@given(
+    lead=lead_shapes, n=row_sizes, dtype=st.sampled_from(FLOAT_DTYPES), with_weight=st.booleans()
+)
 def test_fused_add_matches_unfused(lead, n, dtype, with_weight):
     x = torch.randn(*lead, n, dtype=dtype)
     r = torch.randn(*lead, n, dtype=dtype)
@@ -211,6 +229,10 @@ def test_export_roundtrip_in_fresh_process(tmp_path):
     args = (torch.randn(2, 5, 48), torch.randn(2, 5, 48))
     other = (torch.randn(3, 11, 48), torch.randn(3, 11, 48))
     export_roundtrip(
-        m, args, ({0: b, 1: s}, {0: b, 1: s}), other, tmp_path,
+        m,
+        args,
+        ({0: b, 1: s}, {0: b, 1: s}),
+        other,
+        tmp_path,
         expect_ops=["metalcore.fused_add_rmsnorm.default", "metalcore.rmsnorm.default"],
     )
