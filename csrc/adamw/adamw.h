@@ -4,14 +4,21 @@
 
 #include <ATen/ATen.h>
 
-#include <string>
+#include <ostream>
 
 #include "common/checks.h"
 
 namespace metalcore::adamw {
 
-inline std::string item(const char* list, size_t i) {
-  return std::string(list) + "[" + std::to_string(i) + "]";
+// Names one list element in messages ("grads[3]"); formatted only when a check fails, so the
+// success path allocates nothing per tensor.
+struct Item {
+  const char* list;
+  size_t index;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const Item& item) {
+  return os << item.list << "[" << item.index << "]";
 }
 
 // States are float32 (master-weight style) or the param dtype (what torch.optim.AdamW keeps, so
@@ -27,7 +34,7 @@ inline bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
   return (a.is_contiguous() && b.is_contiguous()) || a.strides() == b.strides();
 }
 
-inline void check_dense(const char* op, const std::string& arg, const at::Tensor& t) {
+inline void check_dense(const char* op, Item arg, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, "metalcore.", op, ": '", arg,
                     "' must be a dense (strided) tensor, got layout ", t.layout(),
                     " (sparse gradients are not supported)");
@@ -36,10 +43,24 @@ inline void check_dense(const char* op, const std::string& arg, const at::Tensor
                     t.sizes(), " and strides ", t.strides());
 }
 
-inline void check_state(const char* op, const std::string& arg, const at::Tensor& t,
-                        const std::string& param_arg, const at::Tensor& p,
-                        const at::Tensor& first_state) {
-  check_defined(op, arg.c_str(), t);
+// dtype rule aside, every tensor of parameter i matches params[i] in device, shape and layout.
+inline void check_like_param(const char* op, Item arg, const at::Tensor& t, Item param_arg,
+                             const at::Tensor& p) {
+  TORCH_CHECK(t.device() == p.device(), "metalcore.", op, ": '", arg,
+              "' must be on the same device as '", param_arg, "' (", p.device(), "), got ",
+              t.device());
+  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), "metalcore.", op, ": '", arg,
+                    "' must have the same shape as '", param_arg, "' ", p.sizes(), ", got ",
+                    t.sizes());
+  check_dense(op, arg, t);
+  TORCH_CHECK_VALUE(p.numel() == 0 || same_memory_order(t, p), "metalcore.", op, ": '", arg,
+                    "' must have the same memory layout as '", param_arg, "' (strides ",
+                    p.strides(), "), got strides ", t.strides());
+}
+
+inline void check_state(const char* op, Item arg, const at::Tensor& t, Item param_arg,
+                        const at::Tensor& p, const at::Tensor& first_state) {
+  TORCH_CHECK_VALUE(t.defined(), "metalcore.", op, ": '", arg, "' must be a tensor, got None");
   TORCH_CHECK_TYPE(state_dtype_ok(p.scalar_type(), t.scalar_type()), "metalcore.", op, ": '", arg,
                    "' must be float32 or the dtype of '", param_arg, "' (", p.scalar_type(),
                    "), got ", t.scalar_type());
@@ -48,12 +69,7 @@ inline void check_state(const char* op, const std::string& arg, const at::Tensor
                      "' must have the same dtype as the other optimizer states of '", param_arg,
                      "' (", first_state.scalar_type(), "), got ", t.scalar_type());
   }
-  check_same_device(op, arg.c_str(), t, param_arg.c_str(), p);
-  check_same_shape(op, arg.c_str(), t, param_arg.c_str(), p);
-  check_dense(op, arg, t);
-  TORCH_CHECK_VALUE(p.numel() == 0 || same_memory_order(t, p), "metalcore.", op, ": '", arg,
-                    "' must have the same memory layout as '", param_arg, "' (strides ",
-                    p.strides(), "), got strides ", t.strides());
+  check_like_param(op, arg, t, param_arg, p);
 }
 
 inline void check_hyper(const char* op, double beta1, double beta2, double weight_decay,
@@ -102,33 +118,33 @@ inline void check_lists(const char* op, at::TensorList params, at::TensorList gr
                       max_exp_avg_sqs.size(), " tensor(s)");
   }
   for (size_t i = 0; i < n; ++i) {
-    const std::string pa = item("params", i);
+    const Item pa{"params", i};
     const at::Tensor& p = params[i];
-    check_float(op, pa.c_str(), p);
+    TORCH_CHECK_VALUE(p.defined(), "metalcore.", op, ": '", pa, "' must be a tensor, got None");
+    TORCH_CHECK_TYPE(is_supported_float(p.scalar_type()), "metalcore.", op, ": '", pa,
+                     "' must be float16, bfloat16, float32 or float64, got ", p.scalar_type());
     check_dense(op, pa, p);
 
-    const std::string ga = item("grads", i);
+    const Item ga{"grads", i};
     const at::Tensor& g = grads[i];
-    check_defined(op, ga.c_str(), g);
+    TORCH_CHECK_VALUE(g.defined(), "metalcore.", op, ": '", ga, "' must be a tensor, got None");
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, "metalcore.", op, ": '", ga,
                       "' must be a dense (strided) tensor, got layout ", g.layout(),
                       " (sparse gradients are not supported)");
-    check_same_dtype(op, ga.c_str(), g, pa.c_str(), p);
-    check_same_device(op, ga.c_str(), g, pa.c_str(), p);
-    check_same_shape(op, ga.c_str(), g, pa.c_str(), p);
-    check_dense(op, ga, g);
-    TORCH_CHECK_VALUE(p.numel() == 0 || same_memory_order(g, p), "metalcore.", op, ": '", ga,
-                      "' must have the same memory layout as '", pa, "' (strides ", p.strides(),
-                      "), got strides ", g.strides());
+    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), "metalcore.", op, ": '", ga,
+                     "' must have the same dtype as '", pa, "' (", p.scalar_type(), "), got ",
+                     g.scalar_type());
+    check_like_param(op, ga, g, pa, p);
 
-    check_state(op, item("exp_avgs", i), exp_avgs[i], pa, p, at::Tensor());
-    check_state(op, item("exp_avg_sqs", i), exp_avg_sqs[i], pa, p, exp_avgs[i]);
-    if (amsgrad)
-      check_state(op, item("max_exp_avg_sqs", i), max_exp_avg_sqs[i], pa, p, exp_avgs[i]);
+    check_state(op, Item{"exp_avgs", i}, exp_avgs[i], pa, p, at::Tensor());
+    check_state(op, Item{"exp_avg_sqs", i}, exp_avg_sqs[i], pa, p, exp_avgs[i]);
+    if (amsgrad) {
+      check_state(op, Item{"max_exp_avg_sqs", i}, max_exp_avg_sqs[i], pa, p, exp_avgs[i]);
+    }
 
-    const std::string sa = item("state_steps", i);
+    const Item sa{"state_steps", i};
     const at::Tensor& s = state_steps[i];
-    check_defined(op, sa.c_str(), s);
+    TORCH_CHECK_VALUE(s.defined(), "metalcore.", op, ": '", sa, "' must be a tensor, got None");
     TORCH_CHECK_VALUE(
         s.dim() == 0 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
         "metalcore.", op, ": '", sa, "' must be a 0-dim float32 or float64 tensor, got ",

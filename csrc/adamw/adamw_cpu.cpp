@@ -10,7 +10,8 @@
 namespace metalcore {
 namespace {
 
-void check_cpu(const char* op, const std::string& arg, const at::Tensor& t) {
+template <typename Arg>
+void check_cpu(const char* op, const Arg& arg, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "metalcore.", op, ": '", arg,
               "' must be on the CPU for the CPU kernel, got ", t.device());
 }
@@ -27,8 +28,8 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                      amsgrad);
   for (size_t i = 0; i < params.size(); ++i) {
     // The other lists were checked to share params[i]'s device.
-    check_cpu(op, adamw::item("params", i), params[i]);
-    check_cpu(op, adamw::item("state_steps", i), state_steps[i]);
+    check_cpu(op, adamw::Item{"params", i}, params[i]);
+    check_cpu(op, adamw::Item{"state_steps", i}, state_steps[i]);
   }
   const double lr_value = lr.item<double>();
   adamw::check_lr_value(op, lr_value);
