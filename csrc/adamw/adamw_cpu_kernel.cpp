@@ -20,9 +20,55 @@ using adamw::TensorWork;
 // uneven tensor sizes over the threads.
 constexpr int64_t kChunk = 65536;
 
+// Blocks of two opmath vectors: a 16-bit type converts to and from float once per 16 elements
+// with full-width loads and stores (one vector's worth would need a partial store each time).
 template <typename X>
-inline fvec<X> load_n(const X* p, int64_t c) {
-  return c == vec_len<X>() ? vload(p) : vload(p, c);
+struct Block {
+  fvec<X> lo, hi;
+};
+
+// Loads min(count, 2 * vec_len) elements; lanes past count are zero.
+template <typename X>
+inline Block<X> load_block(const X* p, int64_t count) {
+  constexpr int64_t L = vec_len<X>();
+  if constexpr (is_reduced_v<X>) {
+    const auto raw =
+        count >= 2 * L ? at::vec::Vectorized<X>::loadu(p) : at::vec::Vectorized<X>::loadu(p, count);
+    auto [lo, hi] = at::vec::convert_to_float<X>(raw);
+    return {lo, hi};
+  } else {
+    using V = fvec<X>;
+    if (count >= 2 * L) return {V::loadu(p), V::loadu(p + L)};
+    if (count <= L) return {V::loadu(p, count), V(0)};
+    return {V::loadu(p), V::loadu(p + L, count - L)};
+  }
+}
+
+// Stores min(count, 2 * vec_len) elements rounded to X and returns the stored values in opmath.
+template <typename X>
+inline Block<X> store_block(X* p, const Block<X>& b, int64_t count) {
+  constexpr int64_t L = vec_len<X>();
+  if constexpr (is_reduced_v<X>) {
+    const auto packed = at::vec::convert_from_float<X>(b.lo, b.hi);
+    if (count >= 2 * L) {
+      packed.store(p);
+    } else {
+      packed.store(p, count);
+    }
+    auto [lo, hi] = at::vec::convert_to_float<X>(packed);
+    return {lo, hi};
+  } else {
+    if (count >= 2 * L) {
+      b.lo.store(p);
+      b.hi.store(p + L);
+    } else if (count <= L) {
+      b.lo.store(p, count);
+    } else {
+      b.lo.store(p);
+      b.hi.store(p + L, count - L);
+    }
+    return b;
+  }
 }
 
 // Updates elements [begin, end) of one tensor. T: param/grad dtype; S: state dtype.
@@ -31,7 +77,7 @@ void update_range(const TensorWork& w, const StepScalars& s, int64_t begin, int6
   using acc_t = opmath_t<T>;
   using V = fvec<T>;
   static_assert(std::is_same_v<fvec<S>, V>, "state and param must share an opmath type");
-  constexpr int64_t L = vec_len<T>();
+  constexpr int64_t B = 2 * vec_len<T>();
 
   T* p = static_cast<T*>(w.param);
   const T* g = static_cast<const T*>(w.grad);
@@ -50,27 +96,33 @@ void update_range(const TensorWork& w, const StepScalars& s, int64_t begin, int6
   const V bc2_sqrt(static_cast<acc_t>(w.bias_correction2_sqrt));
   const V zero(acc_t(0));
 
-  for (int64_t i = begin; i < end; i += L) {
-    const int64_t c = std::min(L, end - i);
-    V gv = load_n(g + i, c);
-    if (s.maximize) gv = zero - gv;
-    V pv = load_n(p + i, c) * decay;
-    V mv = load_n(m + i, c);
+  auto moments = [&](V gv, V& mv, V& vv) {
     mv = small_w1 ? mv + w1v * (gv - mv) : gv - (gv - mv) * one_minus_w1;
-    V vv = load_n(v + i, c) * b2 + w2 * gv * gv;
-    // The update uses the stored (rounded) moments, as torch does with its state tensors.
-    mv = vround<S>(mv);
-    vv = vround<S>(vv);
-    vstore(m + i, mv, c);
-    vstore(v + i, vv, c);
-    V vhat = vv;
-    if (vmax != nullptr) {
-      vhat = at::vec::maximum(load_n(vmax + i, c), vv);
-      vstore(vmax + i, vhat, c);
-    }
+    vv = vv * b2 + w2 * gv * gv;
+  };
+  auto param = [&](V pv, V mv, V vhat) {
     const V denom = vhat.sqrt() / bc2_sqrt + eps;
-    pv = pv - step_size * (mv / denom);
-    vstore(p + i, pv, c);
+    return pv * decay - step_size * (mv / denom);
+  };
+
+  for (int64_t i = begin; i < end; i += B) {
+    const int64_t c = std::min(B, end - i);
+    Block<T> gb = load_block(g + i, c);
+    if (s.maximize) gb = {zero - gb.lo, zero - gb.hi};
+    Block<S> mb = load_block(m + i, c);
+    Block<S> vb = load_block(v + i, c);
+    moments(gb.lo, mb.lo, vb.lo);
+    moments(gb.hi, mb.hi, vb.hi);
+    // The update uses the moments as stored (rounded), as torch does with its state tensors.
+    mb = store_block(m + i, mb, c);
+    vb = store_block(v + i, vb, c);
+    if (vmax != nullptr) {
+      const Block<S> xb = load_block(vmax + i, c);
+      vb = store_block(vmax + i, {at::vec::maximum(xb.lo, vb.lo), at::vec::maximum(xb.hi, vb.hi)},
+                       c);
+    }
+    Block<T> pb = load_block(p + i, c);
+    store_block(p + i, {param(pb.lo, mb.lo, vb.lo), param(pb.hi, mb.hi, vb.hi)}, c);
   }
 }
 
