@@ -173,8 +173,9 @@ def test_gradcheck_float64(interleaved):
             return ops.rope(a, b, cos, sin, interleaved)
 
         assert torch.autograd.gradcheck(fn, (q, k))
-        # The backward of rope_backward is rope: double backward is exact too.
-        assert torch.autograd.gradgradcheck(fn, (q, k))
+        if table == ():
+            # The backward of rope_backward is rope: double backward is exact too.
+            assert torch.autograd.gradgradcheck(fn, (q, k))
         # One output unused: the other still gets its gradient.
         assert torch.autograd.gradcheck(lambda a, b, fn=fn: fn(a, b)[1], (q, k))
 
