@@ -1,5 +1,5 @@
-// RoPE forward/backward on CPU. Forward and backward are the same kernel: per position, the map
-// is out[j] = a[j] * x[j] + b[j] * x[partner(j)], and the backward (its transpose) only permutes
+// RoPE forward/backward on CPU. Forward and backward are the same kernel: each pair (j, p) maps
+// to y[j] = a*x[j] + b*x[p], y[p] = a'*x[p] + b'*x[j]; the backward (the transpose) only swaps
 // and negates the sin coefficients. Tasks cover blocks of (batch, seq) positions; each block's
 // coefficients are converted to opmath once and reused by every q and k head.
 #include "rope/rope_cpu_kernel.h"

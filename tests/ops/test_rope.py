@@ -227,7 +227,7 @@ def test_empty_and_special_values():
     assert_close(metalcore.rope(q0, k, cos, sin)[1], ref.rope(q0, k, cos, sin)[1])
     q_out, _ = metalcore.rope(k, k, torch.randn(3, 0), torch.randn(3, 0))
     torch.testing.assert_close(q_out, k, rtol=0, atol=0)
-    # NaN/Inf propagate like the reference (an Inf times a zero sin gives NaN there too).
+    # NaN/Inf in q or in the tables propagate exactly as in the reference.
     for interleaved in (False, True):
         q = torch.randn(1, 2, 4, 8)
         q[0, 0, 1, 2] = float("nan")
