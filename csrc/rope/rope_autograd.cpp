@@ -21,7 +21,7 @@ void check_tables_need_no_grad(const char* op, const at::Tensor& cos, const at::
               "torch.no_grad()");
 }
 
-// `forward_op` maps (x_q, x_k) to outputs; `backward_op` is its transpose.
+// ForwardOp maps (x_q, x_k) to its outputs; BackwardOp is its transpose (and vice versa).
 template <const char* ForwardOp, const char* BackwardOp>
 class RopeLinearFunction
     : public torch::autograd::Function<RopeLinearFunction<ForwardOp, BackwardOp>> {
@@ -51,18 +51,30 @@ constexpr char kRopeBackward[] = "rope_backward";
 using RopeFunction = RopeLinearFunction<kRope, kRopeBackward>;
 using RopeBackwardFunction = RopeLinearFunction<kRopeBackward, kRope>;
 
+// Shared by rope and rope_backward: both are linear in their first two arguments.
+template <typename Function, const char* OpName>
+Pair linear_autograd(const at::Tensor& x_q, const at::Tensor& x_k, const at::Tensor& cos,
+                     const at::Tensor& sin, bool interleaved) {
+  check_tables_need_no_grad(OpName, cos, sin);
+  if (!any_requires_grad({x_q, x_k})) {
+    // Inference: no graph node, straight to the backend kernel.
+    static const auto op = op_handle<RopeSig>(OpName);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x_q, x_k, cos, sin, interleaved);
+  }
+  auto outs = Function::apply(x_q, x_k, cos, sin, interleaved);
+  return {outs[0], outs[1]};
+}
+
 Pair rope_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                    const at::Tensor& sin, bool interleaved) {
-  check_tables_need_no_grad("rope", cos, sin);
-  auto outs = RopeFunction::apply(q, k, cos, sin, interleaved);
-  return {outs[0], outs[1]};
+  return linear_autograd<RopeFunction, kRope>(q, k, cos, sin, interleaved);
 }
 
 Pair rope_backward_autograd(const at::Tensor& grad_q_out, const at::Tensor& grad_k_out,
                             const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
-  check_tables_need_no_grad("rope_backward", cos, sin);
-  auto outs = RopeBackwardFunction::apply(grad_q_out, grad_k_out, cos, sin, interleaved);
-  return {outs[0], outs[1]};
+  return linear_autograd<RopeBackwardFunction, kRopeBackward>(grad_q_out, grad_k_out, cos, sin,
+                                                              interleaved);
 }
 
 }  // namespace

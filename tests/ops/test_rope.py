@@ -204,8 +204,11 @@ def test_cos_sin_requiring_grad_is_an_error():
                 metalcore.rope(q, k, c, s)[0], ops.rope(q, k, c.detach(), s.detach())[0]
             )
     # Tables that come from a no-grad computation work with q/k that require grad.
-    q_out, _ = metalcore.rope(q, k, cos.detach(), sin.detach())
-    assert q_out.requires_grad
+    q_out, k_out = metalcore.rope(q, k, cos.detach(), sin.detach())
+    assert q_out.requires_grad and k_out.requires_grad  # one output node for both
+    # Nothing requires grad: the inference path records nothing.
+    q_out, k_out = metalcore.rope(q.detach(), k, cos.detach(), sin.detach())
+    assert q_out.grad_fn is None and k_out.grad_fn is None
 
 
 def test_empty_and_special_values():
