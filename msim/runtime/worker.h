@@ -1,0 +1,63 @@
+// Per-OS-thread execution state: the fiber scheduler that runs one threadgroup at a time.
+#pragma once
+
+#include <boost/context/detail/fcontext.hpp>
+
+#include "internal.h"
+
+namespace msim {
+
+namespace ctx = boost::context::detail;
+
+enum class LaneState : uint8_t { kRunnable, kBarrier, kSimd, kExited };
+
+struct Lane {
+  ctx::fcontext_t fctx = nullptr;
+  LaneState state = LaneState::kRunnable;
+  const char* file = nullptr;  // call site of the barrier or collective it waits at
+  int line = 0;
+  __msim_ids ids{};
+  __msim_xchg result{};
+  char* stack_top = nullptr;
+  void* tsan_fiber = nullptr;
+};
+
+struct Worker {
+  Dispatch* d = nullptr;
+  ctx::fcontext_t sched = nullptr;  // scheduler context while a lane runs
+  Lane* current = nullptr;
+  bool in_lane = false;  // read by the signal handler
+  bool abort = false;    // the running threadgroup hit a detector
+  void* tsan_main = nullptr;
+  __msim_launch launch{};  // per-worker copy: threadgroup pointers point into this arena
+
+  std::vector<Lane> lanes;
+  unsigned n_lanes = 0;
+  std::vector<unsigned char> slots;    // simd deposits: kSimdWidth-byte slot per lane
+  std::vector<unsigned char> results;  // resolved snapshots, same layout
+  std::vector<unsigned> order;
+
+  // Fiber stacks: one mapping, a PROT_NONE guard page below each stack.
+  char* stack_map = nullptr;
+  size_t stack_map_len = 0, stack_stride = 0, stack_count = 0, stack_size = 0;
+
+  // Threadgroup memory arena for the current threadgroup.
+  char* arena = nullptr;
+  size_t arena_len = 0, arena_used = 0;
+  std::vector<std::pair<void*, void*>> tg_vars;  // generator key -> storage
+
+  ~Worker();
+  void ensure_stacks(unsigned n, size_t size);
+  void release_stacks();
+  bool ensure_arena(size_t len);
+  void run_threadgroup(uint32_t linear_tg);
+};
+
+Worker* current_worker();
+void set_current_worker(Worker* w);
+void install_fault_handlers();
+// Leaves the running lane for good after a detector fired (never returns).
+[[noreturn]] void abandon_lane(Worker* w);
+std::string thread_desc(const __msim_ids& ids);
+
+}  // namespace msim
