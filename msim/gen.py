@@ -64,6 +64,10 @@ class Tok:
     file: str
     line: int
     shim: bool  # token comes from msim's own headers: never rewritten
+    orig: str = ""  # text before any rewrite (structure checks must not see blanked tokens)
+
+    def __post_init__(self):
+        self.orig = self.orig or self.text
 
 
 @dataclasses.dataclass
@@ -435,7 +439,7 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates) -> Kernel | None:
     max_threads = 0
     for a in outer_attrs:
         if a[0] == "host_name":
-            host = a[1].strip().strip('"')
+            host = "".join(re.findall(r'"((?:\\.|[^"\\])*)"', a[1]))
         elif a[0] == "max_total_threads_per_threadgroup":
             max_threads = int(a[1], 0)
     if is_inst:
@@ -483,7 +487,7 @@ def _rewrite_threadgroup_vars(u: _Unit, kinds: list[str]) -> None:
         t = u.toks[s[k]]
         if t.text != "__msim_threadgroup" or t.shim:
             continue
-        prev = u.toks[s[k - 1]].text if k else ";"
+        prev = u.toks[s[k - 1]].orig if k else ";"
         if prev not in (";", "{", "}", ":"):
             continue  # a qualifier inside a cast, parameter or pointer declaration
         if kinds[k] != "body":
