@@ -203,8 +203,7 @@ def check(metal_files, include_dirs=(), defines=()) -> list[str]:
 
 def tsan_runtime() -> str:
     """Path of the ThreadSanitizer runtime to LD_PRELOAD when loading a tsan-mode library."""
-    rt_dir = _run([clang(), "--print-runtime-dir"]).strip()
-    path = Path(rt_dir) / "libclang_rt.tsan-x86_64.so"
-    if not path.exists():
+    path = Path(_run([clang(), "-print-file-name=libclang_rt.tsan-x86_64.so"]).strip())
+    if not path.is_absolute() or not path.exists():
         raise BuildError("TSan runtime not found (apt-get install libclang-rt-19-dev)")
     return str(path)

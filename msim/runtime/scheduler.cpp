@@ -31,6 +31,9 @@ void lane_main(ctx::transfer_t t) {
   Lane* lane = w->current;
   w->d->kernel->desc->entry(&w->launch, &lane->ids);
   lane->state = LaneState::kExited;
+  // Race mode: orders this lane's reads of runtime memory before the worker frees it. Lanes never
+  // acquire this token, so threadgroups stay unordered with respect to each other.
+  tsan_release(&w->exit_token);
   switch_to_scheduler(w);
   __builtin_unreachable();
 }
@@ -65,6 +68,7 @@ std::string thread_desc(const __msim_ids& i) {
 
 [[noreturn]] void abandon_lane(Worker* w) {
   w->current->state = LaneState::kExited;
+  tsan_release(&w->exit_token);
   w->abort = true;
   switch_to_scheduler(w);
   __builtin_unreachable();
@@ -126,6 +130,8 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
   }
   if (lanes.size() < n_lanes) lanes.resize(n_lanes);
   slots.resize((size_t)n_simd * kSimdWidth * MSIM_XCHG_SLOT);
+  simd_gen.assign(n_simd, 0);
+  simd_sync.resize((size_t)n_simd * 2);
   results.resize(slots.size());
 
   // Threadgroup memory: [[threadgroup(i)]] blocks first, poisoned so unwritten reads show.
@@ -203,6 +209,7 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
           if (same_site(lanes[i], first)) mask |= 1u << (i - lo);
         }
         pending &= ~mask;
+        ++simd_gen[sg];
         unsigned char* res = &results[(size_t)lo * MSIM_XCHG_SLOT];
         for (unsigned b = mask; b; b &= b - 1) {
           unsigned i = lo + __builtin_ctz(b);
@@ -254,7 +261,9 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
     }
     if (abort) break;
     for (unsigned i = 0; i < n_lanes; ++i) lanes[i].state = LaneState::kRunnable;
+    ++barrier_gen;
   }
+  tsan_acquire(&exit_token);
   for (unsigned i = 0; i < n_lanes; ++i) {
     if (lanes[i].tsan_fiber) tsan_destroy(lanes[i].tsan_fiber);
     lanes[i].tsan_fiber = nullptr;
@@ -283,9 +292,10 @@ void __msim_threadgroup_barrier(const char* file, int line) {
   l->state = LaneState::kBarrier;
   l->file = file;
   l->line = line;
-  tsan_release(&w->lanes);
+  void* token = &w->barrier_sync[w->barrier_gen & 1];
+  tsan_release(token);
   switch_to_scheduler(w);
-  tsan_acquire(&w->lanes);
+  tsan_acquire(token);
 }
 
 __msim_xchg __msim_simd_exchange(const void* value, unsigned nbytes, const char* file, int line) {
@@ -296,7 +306,8 @@ __msim_xchg __msim_simd_exchange(const void* value, unsigned nbytes, const char*
   l->state = LaneState::kSimd;
   l->file = file;
   l->line = line;
-  void* token = &w->slots[(size_t)(i / kSimdWidth) * kSimdWidth * MSIM_XCHG_SLOT];
+  const unsigned sg = i / kSimdWidth;
+  void* token = &w->simd_sync[sg * 2 + (w->simd_gen[sg] & 1)];
   tsan_release(token);
   switch_to_scheduler(w);
   tsan_acquire(token);

@@ -29,6 +29,13 @@ struct Worker {
   bool in_lane = false;  // read by the signal handler
   bool abort = false;    // the running threadgroup hit a detector
   void* tsan_main = nullptr;
+  char exit_token = 0;  // race mode: lanes release it on exit, the worker acquires it
+  // Race mode: one sync address per barrier / simd-group generation (ring of two), so a lane
+  // resuming late does not inherit what faster lanes did after the barrier.
+  unsigned barrier_gen = 0;
+  char barrier_sync[2] = {};
+  std::vector<unsigned> simd_gen;
+  std::vector<char> simd_sync;
   __msim_launch launch{};  // per-worker copy: threadgroup pointers point into this arena
 
   std::vector<Lane> lanes;
