@@ -94,7 +94,10 @@ def preprocess(metal: Path, include_dirs=(), mode: str = "default", defines=()) 
 def translate(metal: Path, include_dirs=(), mode: str = "default", defines=()):
     """(generated C++, kernels) for one .metal file."""
     text = preprocess(metal, include_dirs, mode, defines)
-    return gen.generate(text, (str(INCLUDE_DIR),))
+    try:
+        return gen.generate(text, (str(INCLUDE_DIR),))
+    except gen.GenError as e:
+        raise BuildError(str(e)) from None
 
 
 def _kernel_cmd(src: Path, mode: str, out: Path | None) -> list[str]:

@@ -679,6 +679,9 @@ def generate(preprocessed: str, shim_dirs: tuple[str, ...]) -> tuple[str, list[K
     attr_at = {}
     for start, end in _attr_lists(u):
         attr_at[start] = (end, _parse_attrs(u, start, end))
+        for name, _, tok in attr_at[start][1]:
+            if name in UNSUPPORTED_ATTRS:
+                raise _err(tok, f"msim does not support {UNSUPPORTED_ATTRS[name]}")
     kinds, paths = _scope_kinds(u, attr_at)
     kernels = _find_kernels(u, attr_at, kinds, paths)
     _rewrite_threadgroup_vars(u, kinds)
