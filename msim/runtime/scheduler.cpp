@@ -45,6 +45,26 @@ uint64_t splitmix(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
+// Runtime bookkeeping writes. In race mode they must stay invisible to TSan: memset/memcpy are
+// intercepted even from uninstrumented code and would be attributed to whichever fiber runs.
+void poison_fill(void* p, unsigned char byte, size_t n) {
+  if (kTsan) {
+    volatile unsigned char* b = static_cast<unsigned char*>(p);
+    for (size_t i = 0; i < n; ++i) b[i] = byte;
+  } else {
+    memset(p, byte, n);
+  }
+}
+void quiet_copy(void* dst, const void* src, size_t n) {
+  if (kTsan) {
+    volatile unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    for (size_t i = 0; i < n; ++i) d[i] = s[i];
+  } else {
+    memcpy(dst, src, n);
+  }
+}
+
 std::string site(const Lane& l) { return format("%s:%d", l.file ? l.file : "?", l.line); }
 
 bool same_site(const Lane& a, const Lane& b) {
@@ -75,6 +95,9 @@ std::string thread_desc(const __msim_ids& i) {
 }
 
 Worker::~Worker() {
+  // Race mode: everything lanes read of this worker's memory happened before it is freed.
+  // (Acquired only here: acquiring per threadgroup would order threadgroups after each other.)
+  tsan_acquire(&exit_token);
   release_stacks();
   if (arena) munmap(arena, arena_len);
 }
@@ -135,13 +158,13 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
   results.resize(slots.size());
 
   // Threadgroup memory: [[threadgroup(i)]] blocks first, poisoned so unwritten reads show.
-  launch = D.launch;
+  quiet_copy(&launch, &D.launch, sizeof launch);
   arena_used = 0;
   tg_vars.clear();
   for (int i = 0; i < MSIM_MAX_BINDINGS; ++i) {
     if (!D.tg_dyn_len[i]) continue;
     launch.threadgroup[i] = arena + arena_used;
-    memset(arena + arena_used, D.poison, D.tg_dyn_len[i]);
+    poison_fill(arena + arena_used, D.poison, D.tg_dyn_len[i]);
     arena_used += (D.tg_dyn_len[i] + 15) & ~size_t(15);
   }
 
@@ -213,8 +236,8 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
         unsigned char* res = &results[(size_t)lo * MSIM_XCHG_SLOT];
         for (unsigned b = mask; b; b &= b - 1) {
           unsigned i = lo + __builtin_ctz(b);
-          memcpy(res + (i - lo) * MSIM_XCHG_SLOT, &slots[(size_t)i * MSIM_XCHG_SLOT],
-                 MSIM_XCHG_SLOT);
+          quiet_copy(res + (i - lo) * MSIM_XCHG_SLOT, &slots[(size_t)i * MSIM_XCHG_SLOT],
+                     MSIM_XCHG_SLOT);
         }
         for (unsigned b = mask; b; b &= b - 1) {
           unsigned i = lo + __builtin_ctz(b);
@@ -263,7 +286,6 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
     for (unsigned i = 0; i < n_lanes; ++i) lanes[i].state = LaneState::kRunnable;
     ++barrier_gen;
   }
-  tsan_acquire(&exit_token);
   for (unsigned i = 0; i < n_lanes; ++i) {
     if (lanes[i].tsan_fiber) tsan_destroy(lanes[i].tsan_fiber);
     lanes[i].tsan_fiber = nullptr;
@@ -302,7 +324,7 @@ __msim_xchg __msim_simd_exchange(const void* value, unsigned nbytes, const char*
   Worker* w = current_worker();
   Lane* l = w->current;
   const unsigned i = l->ids.thread_index_in_threadgroup;
-  if (nbytes) memcpy(&w->slots[(size_t)i * MSIM_XCHG_SLOT], value, nbytes);
+  if (nbytes) quiet_copy(&w->slots[(size_t)i * MSIM_XCHG_SLOT], value, nbytes);
   l->state = LaneState::kSimd;
   l->file = file;
   l->line = line;
@@ -330,7 +352,7 @@ void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const ch
     abandon_lane(w);
   }
   void* p = w->arena + off;
-  memset(p, w->d->poison, size);
+  poison_fill(p, w->d->poison, size);
   w->arena_used = off + size;
   w->tg_vars.emplace_back(key, p);
   return p;
