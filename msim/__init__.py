@@ -6,8 +6,18 @@ A developer/CI tool (not shipped in the wheel): see msim/README.md.
 from .build import BuildError, build, check, tsan_runtime
 from .host import Buffer, Encoder, Kernel, Library, MetalError
 
-__all__ = ["BuildError", "Buffer", "Encoder", "Kernel", "Library", "MetalError", "build",
-           "check", "load", "tsan_runtime"]
+__all__ = [
+    "Buffer",
+    "BuildError",
+    "Encoder",
+    "Kernel",
+    "Library",
+    "MetalError",
+    "build",
+    "check",
+    "load",
+    "tsan_runtime",
+]
 
 
 def load(metal_files, include_dirs=(), mode: str = "default", defines=()) -> Library:

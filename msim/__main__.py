@@ -1,15 +1,16 @@
 """msim command line.
 
-    python -m msim check kernels/ -I kernels          # strict address-space compile of every .metal
-    python -m msim list kernels/rmsnorm.metal -I kernels
-    python -m msim run kernels/rmsnorm.metal rmsnorm_float --threadgroups 4 --tg 256 --n 4096
-    python -m msim run ... --race                      # same, under ThreadSanitizer
-    python -m msim coverage kernels/ cov.txt           # fail if a host name was never dispatched
+python -m msim check kernels/ -I kernels          # strict address-space compile of every .metal
+python -m msim list kernels/rmsnorm.metal -I kernels
+python -m msim run kernels/rmsnorm.metal rmsnorm_float --threadgroups 4 --tg 256 --n 4096
+python -m msim run ... --race                      # same, under ThreadSanitizer
+python -m msim coverage kernels/ cov.txt           # fail if a host name was never dispatched
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -18,12 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-
-import importlib  # noqa: E402
-
 B = importlib.import_module("msim.build")  # the package re-exports build() over the module name
-from .host import Library, MetalError, _NP_TYPES
+from .host import _NP_TYPES, Library, MetalError
 
 _RACE_ENV = "MSIM_RACE_CHILD"
 
@@ -74,13 +71,23 @@ def _cmd_run(args) -> int:
     if args.race and os.environ.get(_RACE_ENV) != "1":
         env = dict(os.environ, LD_PRELOAD=B.tsan_runtime(), **{_RACE_ENV: "1"})
         env.setdefault("TSAN_OPTIONS", "exitcode=66")
-        return subprocess.run([sys.executable, "-m", "msim", *sys.argv[1:]], env=env).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "msim", *sys.argv[1:]], env=env, check=False
+        ).returncode
     lib = Library(lib_path)
     sets = dict(s.split("=", 1) for s in args.set)
-    buffers = _random_args(lib, args.kernel, args.n, {int(k): v for k, v in sets.items()},
-                           np.random.default_rng(args.seed))  # fmt: skip
-    grid = {"threads": _dims(args.threads)} if args.threads else {
-        "threadgroups": _dims(args.threadgroups or "1")}  # fmt: skip
+    buffers = _random_args(
+        lib,
+        args.kernel,
+        args.n,
+        {int(k): v for k, v in sets.items()},
+        np.random.default_rng(args.seed),
+    )
+    grid = (
+        {"threads": _dims(args.threads)}
+        if args.threads
+        else {"threadgroups": _dims(args.threadgroups or "1")}
+    )
     t0 = time.perf_counter()
     lib.dispatch(args.kernel, buffers, _dims(args.tg), lane_order=args.lane_order, **grid)
     dt = time.perf_counter() - t0
@@ -104,8 +111,11 @@ def _cmd_coverage(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m msim", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m msim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     def common(p):
@@ -128,7 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="INDEX=VALUE for a constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lane-order", default="forward", choices=["forward", "reverse", "random"])
-    p.add_argument("--race", action="store_true", help="run under ThreadSanitizer (exit 66 on race)")
+    p.add_argument(
+        "--race", action="store_true", help="run under ThreadSanitizer (exit 66 on race)"
+    )
     common(p)
     p = sub.add_parser("coverage", help="fail when a kernel was never dispatched")
     p.add_argument("kernels", nargs="+", help="a .metal folder, then coverage files")

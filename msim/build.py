@@ -26,12 +26,22 @@ MODES = ("default", "tsan", "strict")
 
 # half/bfloat must round after every operation, as on the GPU (clang keeps float otherwise).
 _KERNEL_FLAGS = [
-    "-x", "c++", "-std=c++17", "-fPIC", "-fno-exceptions", "-fno-rtti",
-    "-fstack-clash-protection", "-gline-tables-only",
-    "-Wno-unknown-attributes", "-Wno-ignored-attributes", "-Wno-duplicate-decl-specifier",
-    "-Xclang", "-ffloat16-excess-precision=none",
-    "-Xclang", "-fbfloat16-excess-precision=none",
-]  # fmt: skip
+    "-x",
+    "c++",
+    "-std=c++17",
+    "-fPIC",
+    "-fno-exceptions",
+    "-fno-rtti",
+    "-fstack-clash-protection",
+    "-gline-tables-only",
+    "-Wno-unknown-attributes",
+    "-Wno-ignored-attributes",
+    "-Wno-duplicate-decl-specifier",
+    "-Xclang",
+    "-ffloat16-excess-precision=none",
+    "-Xclang",
+    "-fbfloat16-excess-precision=none",
+]
 _RUNTIME_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-g1"]
 
 
@@ -51,7 +61,7 @@ def build_root() -> Path:
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise BuildError(proc.stderr.strip() or proc.stdout.strip() or f"failed: {cmd[0]}")
     return proc.stdout
@@ -120,8 +130,18 @@ def _compile_runtime(mode: str) -> list[Path]:
     tmp.mkdir(parents=True, exist_ok=True)
 
     def one(src: Path) -> None:
-        _run([clang(), *flags, "-I", str(INCLUDE_DIR), "-c", str(src), "-o",
-              str(tmp / (src.stem + ".o"))])  # fmt: skip
+        _run(
+            [
+                clang(),
+                *flags,
+                "-I",
+                str(INCLUDE_DIR),
+                "-c",
+                str(src),
+                "-o",
+                str(tmp / (src.stem + ".o")),
+            ]
+        )
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         list(pool.map(one, sources))

@@ -98,7 +98,7 @@ _TOKEN_RE = re.compile(
       |(?P<chr>'(?:\\.|[^'\\\n])*')
       |(?P<punct>::|->|\.\.\.|<<=|>>=|<=|>=|==|!=|&&|\|\||\+\+|--|[-+*/%&|^!=]=|<<|>>|.)
     """,
-    re.X | re.S,
+    re.VERBOSE | re.DOTALL,
 )
 _LINEMARK_RE = re.compile(r'#\s*(\d+)\s+"((?:\\.|[^"\\])*)"')
 
@@ -559,7 +559,9 @@ def _split_declarators(u: _Unit, lo: int, end: int) -> list[tuple[int, str, bool
     return out
 
 
-_HALF_LIT = re.compile(r"(0[xX][\da-fA-F.]+[pP][+-]?\d+|\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)[hH]")
+_HALF_LIT = re.compile(
+    r"(0[xX][\da-fA-F.]+[pP][+-]?\d+|\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)[hH]"
+)
 
 
 def _rewrite_exprs(u: _Unit) -> None:

@@ -33,8 +33,11 @@ class Param:
     @property
     def scalar(self) -> str:
         """Element type name without address space, qualifiers, pointer or vector width."""
-        words = [w for w in self.type.replace("*", " ").replace("&", " ").split()
-                 if w not in ("device", "constant", "threadgroup", "thread", "const", "volatile")]
+        words = [
+            w
+            for w in self.type.replace("*", " ").replace("&", " ").split()
+            if w not in ("device", "constant", "threadgroup", "thread", "const", "volatile")
+        ]
         base = words[-1] if words else ""
         return base.rstrip("234") if base.rstrip("234") in _NP_TYPES else base
 
@@ -67,13 +70,28 @@ class Buffer:
 
 
 _NP_TYPES = {
-    "float": np.float32, "half": np.float16, "int": np.int32, "uint": np.uint32,
-    "short": np.int16, "ushort": np.uint16, "char": np.int8, "uchar": np.uint8,
-    "long": np.int64, "ulong": np.uint64, "bool": np.bool_, "bfloat": None,
-    "int8_t": np.int8, "uint8_t": np.uint8, "int16_t": np.int16, "uint16_t": np.uint16,
-    "int32_t": np.int32, "uint32_t": np.uint32, "int64_t": np.int64, "uint64_t": np.uint64,
+    "float": np.float32,
+    "half": np.float16,
+    "int": np.int32,
+    "uint": np.uint32,
+    "short": np.int16,
+    "ushort": np.uint16,
+    "char": np.int8,
+    "uchar": np.uint8,
+    "long": np.int64,
+    "ulong": np.uint64,
+    "bool": np.bool_,
+    "bfloat": None,
+    "int8_t": np.int8,
+    "uint8_t": np.uint8,
+    "int16_t": np.int16,
+    "uint16_t": np.uint16,
+    "int32_t": np.int32,
+    "uint32_t": np.uint32,
+    "int64_t": np.int64,
+    "uint64_t": np.uint64,
     "size_t": np.uint64,
-}  # fmt: skip
+}
 
 _C = ctypes
 _SIGS = {
@@ -84,18 +102,21 @@ _SIGS = {
     "msim_encoder_create": (_C.c_void_p, []),
     "msim_encoder_destroy": (None, [_C.c_void_p]),
     "msim_set_pipeline": (_C.c_int, [_C.c_void_p, _C.c_char_p]),
-    "msim_set_buffer": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_void_p, _C.c_size_t,
-                                   _C.c_size_t]),
+    "msim_set_buffer": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_void_p, _C.c_size_t, _C.c_size_t]),
     "msim_set_bytes": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_void_p, _C.c_size_t]),
     "msim_set_threadgroup_memory_length": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_size_t]),
     "msim_set_option": (_C.c_int, [_C.c_void_p, _C.c_char_p, _C.c_char_p]),
-    "msim_dispatch_threadgroups": (_C.c_int, [_C.c_void_p, _C.POINTER(_C.c_uint),
-                                              _C.POINTER(_C.c_uint)]),
-    "msim_dispatch_threads": (_C.c_int, [_C.c_void_p, _C.POINTER(_C.c_uint),
-                                         _C.POINTER(_C.c_uint)]),
+    "msim_dispatch_threadgroups": (
+        _C.c_int,
+        [_C.c_void_p, _C.POINTER(_C.c_uint), _C.POINTER(_C.c_uint)],
+    ),
+    "msim_dispatch_threads": (
+        _C.c_int,
+        [_C.c_void_p, _C.POINTER(_C.c_uint), _C.POINTER(_C.c_uint)],
+    ),
     "msim_last_error": (_C.c_char_p, []),
     "msim_coverage": (_C.c_char_p, []),
-}  # fmt: skip
+}
 
 
 def _dims(v) -> ctypes.Array:
@@ -120,17 +141,25 @@ def _array_info(obj):
 
 
 _DTYPE_OK = {
-    "float": {"float32"}, "half": {"float16"}, "bfloat": {"bfloat16", "uint16"},
-    "int": {"int32"}, "uint": {"uint32"}, "short": {"int16"}, "ushort": {"uint16"},
-    "char": {"int8"}, "uchar": {"uint8", "bool"}, "bool": {"bool", "uint8"},
-    "long": {"int64"}, "ulong": {"uint64"},
-}  # fmt: skip
+    "float": {"float32"},
+    "half": {"float16"},
+    "bfloat": {"bfloat16", "uint16"},
+    "int": {"int32"},
+    "uint": {"uint32"},
+    "short": {"int16"},
+    "ushort": {"uint16"},
+    "char": {"int8"},
+    "uchar": {"uint8", "bool"},
+    "bool": {"bool", "uint8"},
+    "long": {"int64"},
+    "ulong": {"uint64"},
+}
 
 
 class Encoder:
     """Mirror of a Metal compute encoder; bindings persist across dispatches."""
 
-    def __init__(self, lib: "Library"):
+    def __init__(self, lib: Library):
         self._lib = lib
         self._h = lib._dll.msim_encoder_create()
         self._keep: dict = {}  # objects whose memory is bound
@@ -172,12 +201,18 @@ class Encoder:
         self._check(self._lib._dll.msim_set_option(self._h, key.encode(), str(value).encode()))
 
     def dispatch_threadgroups(self, threadgroups, threads_per_threadgroup) -> None:
-        self._check(self._lib._dll.msim_dispatch_threadgroups(
-            self._h, _dims(threadgroups), _dims(threads_per_threadgroup)))  # fmt: skip
+        self._check(
+            self._lib._dll.msim_dispatch_threadgroups(
+                self._h, _dims(threadgroups), _dims(threads_per_threadgroup)
+            )
+        )
 
     def dispatch_threads(self, threads, threads_per_threadgroup) -> None:
-        self._check(self._lib._dll.msim_dispatch_threads(
-            self._h, _dims(threads), _dims(threads_per_threadgroup)))  # fmt: skip
+        self._check(
+            self._lib._dll.msim_dispatch_threads(
+                self._h, _dims(threads), _dims(threads_per_threadgroup)
+            )
+        )
 
     def bind(self, args) -> None:
         """Bind args by buffer index: a list (position = index) or a dict {index: arg}."""
@@ -236,8 +271,17 @@ class Library:
     def encoder(self) -> Encoder:
         return Encoder(self)
 
-    def dispatch(self, name: str, args, threads_per_threadgroup, *, threadgroups=None,
-                 threads=None, tg_mem=None, **options) -> None:  # fmt: skip
+    def dispatch(
+        self,
+        name: str,
+        args,
+        threads_per_threadgroup,
+        *,
+        threadgroups=None,
+        threads=None,
+        tg_mem=None,
+        **options,
+    ) -> None:
         """Bind `args` by buffer index and run: give `threadgroups` (dispatchThreadgroups) or
         `threads` (dispatchThreads). tg_mem: {index: bytes} for [[threadgroup(i)]] parameters.
         options: lane_order, tg_order, seed, workers, guard, uninit_check, tg_mem_limit, ..."""

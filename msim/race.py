@@ -37,8 +37,19 @@ class RaceReport:
         return not self.races
 
 
-def race_check(metal_files, name: str, args, threads_per_threadgroup, *, threadgroups=None,
-               threads=None, tg_mem=None, include_dirs=(), defines=(), **options) -> RaceReport:  # fmt: skip
+def race_check(
+    metal_files,
+    name: str,
+    args,
+    threads_per_threadgroup,
+    *,
+    threadgroups=None,
+    threads=None,
+    tg_mem=None,
+    include_dirs=(),
+    defines=(),
+    **options,
+) -> RaceReport:
     """Like Library.dispatch, but under TSan; returns the races found (never raises for them)."""
     lib = build(metal_files, include_dirs, mode="tsan", defines=defines)
     items = args.items() if isinstance(args, dict) else enumerate(args)
@@ -53,20 +64,28 @@ def race_check(metal_files, name: str, args, threads_per_threadgroup, *, threadg
         else:
             scalars[str(index)] = arg
     spec = {
-        "lib": str(lib), "name": name, "tpg": list(np.atleast_1d(threads_per_threadgroup)),
+        "lib": str(lib),
+        "name": name,
+        "tpg": list(np.atleast_1d(threads_per_threadgroup)),
         "threadgroups": threadgroups and list(np.atleast_1d(threadgroups)),
         "threads": threads and list(np.atleast_1d(threads)),
         "tg_mem": {str(k): int(v) for k, v in (tg_mem or {}).items()},
-        "scalars": scalars, "options": options,
-    }  # fmt: skip
+        "scalars": scalars,
+        "options": options,
+    }
     with tempfile.TemporaryDirectory(prefix="msim-race-") as tmp:
         inp, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(inp, **arrays)
         (Path(tmp) / "spec.json").write_text(json.dumps(spec, default=int))
         env = dict(os.environ, LD_PRELOAD=tsan_runtime())
         env.setdefault("TSAN_OPTIONS", "halt_on_error=0 report_signal_unsafe=0")
-        proc = subprocess.run([sys.executable, "-m", "msim.race", tmp], env=env,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "msim.race", tmp],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         log = proc.stdout + proc.stderr
         if proc.returncode not in (0, 66):
             raise MetalError(f"race-mode dispatch of '{name}' failed:\n{log.strip()[-4000:]}")
@@ -80,16 +99,22 @@ def _child(tmp: str) -> int:
     args = {int(k[1:]): (v if k[0] == "a" else v[()]) for k, v in data.items()}
     args.update({int(k): v for k, v in spec["scalars"].items()})
     lib = Library(spec["lib"])
-    grid = {"threadgroups": spec["threadgroups"]} if spec["threadgroups"] else {
-        "threads": spec["threads"]}  # fmt: skip
+    grid = (
+        {"threadgroups": spec["threadgroups"]}
+        if spec["threadgroups"]
+        else {"threads": spec["threads"]}
+    )
     try:
-        lib.dispatch(spec["name"], args, spec["tpg"], tg_mem=spec["tg_mem"], **grid,
-                     **spec["options"])  # fmt: skip
+        lib.dispatch(
+            spec["name"], args, spec["tpg"], tg_mem=spec["tg_mem"], **grid, **spec["options"]
+        )
     except MetalError as e:
         print(e, file=sys.stderr)
         return 3
-    np.savez(Path(tmp) / "out.npz", **{f"a{k}": v for k, v in args.items()
-                                       if isinstance(v, np.ndarray) and v.ndim})  # fmt: skip
+    np.savez(
+        Path(tmp) / "out.npz",
+        **{f"a{k}": v for k, v in args.items() if isinstance(v, np.ndarray) and v.ndim},
+    )
     return 0
 
 

@@ -28,7 +28,7 @@ const char* msim_kernel_name(int i);
 /* ';'-separated parameters, each "kind|index|address space|type|name" where kind is buffer,
  * threadgroup or id (index then names the thread-position attribute). */
 const char* msim_kernel_signature(int i);
-const char* msim_kernel_location(int i); /* "file.metal:line" of the kernel */
+const char* msim_kernel_location(int i);     /* "file.metal:line" of the kernel */
 int msim_kernel_find(const char* host_name); /* index, or -1 with an error if absent */
 
 /* Encoder: bindings persist across dispatches, as on a Metal compute encoder. */
@@ -92,10 +92,10 @@ static inline int msim_api_open(const char* path, msim_api* api, char* err, size
     return -1;
   }
   api->handle = h;
-#define MSIM_SYM(field, name)                                                   \
-  if (!(*(void**)&api->field = dlsym(h, name))) {                               \
+#define MSIM_SYM(field, name)                                                      \
+  if (!(*(void**)& api->field = dlsym(h, name))) {                                 \
     snprintf(err, errlen, "msim: %s lacks %s (not an msim library?)", path, name); \
-    return -1;                                                                  \
+    return -1;                                                                     \
   }
   MSIM_SYM(kernel_count, "msim_kernel_count")
   MSIM_SYM(kernel_name, "msim_kernel_name")

@@ -32,9 +32,10 @@ int prepare(msim_encoder* e, Dispatch& d, std::vector<int>& used) {
   if (k->desc->max_total_threads && k->desc->max_total_threads < limit)
     limit = k->desc->max_total_threads;
   if (threads == 0 || threads > limit)
-    return fail(format("msim: threads per threadgroup %ux%ux%u = %zu exceeds the limit of %zu for "
-                       "kernel '%s'",
-                       d.tg_size[0], d.tg_size[1], d.tg_size[2], threads, limit, name));
+    return fail(
+        format("msim: threads per threadgroup %ux%ux%u = %zu exceeds the limit of %zu for "
+               "kernel '%s'",
+               d.tg_size[0], d.tg_size[1], d.tg_size[2], threads, limit, name));
   for (int i = 0; i < 3; ++i)
     if (d.grid_threads[i] == 0)
       return fail(format("msim: dispatch of kernel '%s' with an empty grid (%u,%u,%u)", name,
@@ -49,17 +50,19 @@ int prepare(msim_encoder* e, Dispatch& d, std::vector<int>& used) {
       used.push_back(idx);
     } else if (p.kind == "threadgroup") {
       if (!e->tg_len[idx])
-        return fail(format("msim: kernel '%s' parameter '%s' [[threadgroup(%d)]] has no "
-                           "threadgroup memory length set",
-                           name, p.name.c_str(), idx));
+        return fail(
+            format("msim: kernel '%s' parameter '%s' [[threadgroup(%d)]] has no "
+                   "threadgroup memory length set",
+                   name, p.name.c_str(), idx));
       d.tg_dyn_len[idx] = e->tg_len[idx];
       tg_total += (e->tg_len[idx] + 15) & ~size_t(15);
     }
   }
   if (tg_total > e->opt.tg_mem_limit)
-    return fail(format("msim: threadgroup memory limit exceeded for kernel '%s': "
-                       "[[threadgroup(i)]] lengths total %zu bytes > %zu bytes",
-                       name, tg_total, e->opt.tg_mem_limit));
+    return fail(
+        format("msim: threadgroup memory limit exceeded for kernel '%s': "
+               "[[threadgroup(i)]] lengths total %zu bytes > %zu bytes",
+               name, tg_total, e->opt.tg_mem_limit));
   for (int i : used) d.launch.buffers[i] = e->buffers[i].ptr;
   return 0;
 }
@@ -108,8 +111,8 @@ int dispatch(msim_encoder* e, const unsigned grid[3], const unsigned tg[3], bool
   if (prepare(e, d, used)) return -1;
   note_dispatched(d.kernel->desc->host_name);
   if (d.opt.uninit_check) {
-    d.opt.guard = true;   // the second run needs pristine inputs: the host copy
-    d.opt.workers = 1;    // and the same order of device atomics
+    d.opt.guard = true;  // the second run needs pristine inputs: the host copy
+    d.opt.workers = 1;   // and the same order of device atomics
   }
   auto first = run_once(e, d, used, 0xFF);
   if (!d.failed && d.opt.uninit_check) {
@@ -154,8 +157,8 @@ MSIM_EXPORT int msim_set_bytes(msim_encoder* e, unsigned index, const void* data
   if (!e || check_index(index, "buffer")) return -1;
   if (!data || !length) return fail(format("msim: set_bytes(%u) needs data", index));
   if (length > 4096)
-    return fail(format("msim: set_bytes(%u) of %zu bytes: Metal allows at most 4 KB", index,
-                       length));
+    return fail(
+        format("msim: set_bytes(%u) of %zu bytes: Metal allows at most 4 KB", index, length));
   Binding& b = e->buffers[index];
   b.bound = true;
   b.bytes.assign(static_cast<const char*>(data), static_cast<const char*>(data) + length);
@@ -164,8 +167,7 @@ MSIM_EXPORT int msim_set_bytes(msim_encoder* e, unsigned index, const void* data
   return 0;
 }
 
-MSIM_EXPORT int msim_set_threadgroup_memory_length(msim_encoder* e, unsigned index,
-                                                   size_t length) {
+MSIM_EXPORT int msim_set_threadgroup_memory_length(msim_encoder* e, unsigned index, size_t length) {
   if (!e || check_index(index, "threadgroup")) return -1;
   e->tg_len[index] = length;
   return 0;

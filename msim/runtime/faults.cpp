@@ -32,17 +32,18 @@ std::string describe_address(Worker* w, uintptr_t addr) {
     if (z.before)
       return format("out-of-bounds access to buffer(%d)%s: %zu bytes before its start", z.index,
                     name.c_str(), (size_t)(z.data_lo - addr));
-    return format("out-of-bounds access to buffer(%d)%s (bound length %zu bytes): %zu bytes past "
-                  "its end",
-                  z.index, name.c_str(), (size_t)(z.data_hi - z.data_lo),
-                  (size_t)(addr - z.data_hi));
+    return format(
+        "out-of-bounds access to buffer(%d)%s (bound length %zu bytes): %zu bytes past "
+        "its end",
+        z.index, name.c_str(), (size_t)(z.data_hi - z.data_lo), (size_t)(addr - z.data_hi));
   }
   const Lane* l = w->current;
   uintptr_t stack_lo = (uintptr_t)l->stack_top - w->stack_stride;
   if (addr >= stack_lo - 65536 && addr < stack_lo + 4096 * 2)
-    return format("stack overflow (%zu KiB per simulated thread; large thread-local arrays? "
-                  "raise MSIM_STACK_SIZE)",
-                  w->stack_size / 1024);
+    return format(
+        "stack overflow (%zu KiB per simulated thread; large thread-local arrays? "
+        "raise MSIM_STACK_SIZE)",
+        w->stack_size / 1024);
   if (addr < 65536) return format("null pointer access (address 0x%zx; unbound buffer?)", addr);
   return format("invalid memory access at address 0x%zx", addr);
 }

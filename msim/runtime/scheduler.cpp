@@ -262,10 +262,11 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
       const Lane* gone = nullptr;
       for (unsigned i = 0; i < n_lanes && !gone; ++i)
         if (lanes[i].state == LaneState::kExited) gone = &lanes[i];
-      D.report(format("msim: barrier divergence in kernel '%s': %s returned while %u thread(s) "
-                      "wait at threadgroup_barrier %s (every thread must reach every barrier; "
-                      "early return before a barrier?)",
-                      kname, thread_desc(gone->ids).c_str(), n_wait, site(*waiting).c_str()));
+      D.report(
+          format("msim: barrier divergence in kernel '%s': %s returned while %u thread(s) "
+                 "wait at threadgroup_barrier %s (every thread must reach every barrier; "
+                 "early return before a barrier?)",
+                 kname, thread_desc(gone->ids).c_str(), n_wait, site(*waiting).c_str()));
       break;
     }
     for (unsigned i = 0; i < n_lanes; ++i) {
@@ -273,11 +274,11 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
         unsigned n_other = 0;
         for (unsigned j = 0; j < n_lanes; ++j)
           n_other += lanes[j].state == LaneState::kBarrier && same_site(lanes[j], lanes[i]);
-        D.report(format("msim: barrier divergence in kernel '%s': threads wait at different "
-                        "barriers: %u at %s (e.g. %s) and %u at %s (e.g. %s)",
-                        kname, n_wait - n_other, site(*waiting).c_str(),
-                        thread_desc(waiting->ids).c_str(), n_other, site(lanes[i]).c_str(),
-                        thread_desc(lanes[i].ids).c_str()));
+        D.report(format(
+            "msim: barrier divergence in kernel '%s': threads wait at different "
+            "barriers: %u at %s (e.g. %s) and %u at %s (e.g. %s)",
+            kname, n_wait - n_other, site(*waiting).c_str(), thread_desc(waiting->ids).c_str(),
+            n_other, site(lanes[i]).c_str(), thread_desc(lanes[i].ids).c_str()));
         abort = true;
         break;
       }
@@ -344,11 +345,11 @@ void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const ch
   align = align < 16 ? 16 : align;
   size_t off = (w->arena_used + align - 1) & ~(size_t)(align - 1);
   if (off + size > w->d->opt.tg_mem_limit) {
-    w->d->report(format("msim: threadgroup memory limit exceeded in kernel '%s' at %s:%d: %zu "
-                        "bytes needed (threadgroup variables + [[threadgroup(i)]] lengths) > "
-                        "%zu bytes",
-                        w->d->kernel->desc->host_name, file, line, off + (size_t)size,
-                        w->d->opt.tg_mem_limit));
+    w->d->report(format(
+        "msim: threadgroup memory limit exceeded in kernel '%s' at %s:%d: %zu "
+        "bytes needed (threadgroup variables + [[threadgroup(i)]] lengths) > "
+        "%zu bytes",
+        w->d->kernel->desc->host_name, file, line, off + (size_t)size, w->d->opt.tg_mem_limit));
     abandon_lane(w);
   }
   void* p = w->arena + off;
@@ -361,8 +362,8 @@ void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const ch
 void __msim_fatal(const char* what, const char* file, int line) {
   Worker* w = current_worker();
   if (!w || !w->in_lane) __builtin_trap();
-  w->d->report(format("msim: %s at %s:%d (%s)", what, file, line,
-                      thread_desc(w->current->ids).c_str()));
+  w->d->report(
+      format("msim: %s at %s:%d (%s)", what, file, line, thread_desc(w->current->ids).c_str()));
   abandon_lane(w);
 }
 

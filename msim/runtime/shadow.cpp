@@ -73,7 +73,8 @@ bool Shadows::build(const Binding* bindings, const std::vector<int>& used, Dispa
     memset(lo_page, kCanary, (size_t)(g.data - lo_page));
     memset(g.slack_hi, kCanary, (size_t)(hi_page - g.slack_hi));
     if (g.len) memcpy(g.data, g.host, g.len);
-    for (size_t x = k; x < j; ++x) d.launch.buffers[items[x].index] = g.data + (items[x].p - g.host);
+    for (size_t x = k; x < j; ++x)
+      d.launch.buffers[items[x].index] = g.data + (items[x].p - g.host);
     d.zones.push_back({(uintptr_t)g.map, (uintptr_t)lo_page, items[k].index, (uintptr_t)g.data,
                        (uintptr_t)g.slack_hi, true});
     d.zones.push_back({(uintptr_t)hi_page, (uintptr_t)hi_page + page, items[k].index,
@@ -90,16 +91,18 @@ std::string Shadows::check_canaries(const Dispatch& d) const {
     char* hi_page = g.map + g.map_len - page;
     for (char* p = g.slack_hi; p < hi_page; ++p)
       if ((unsigned char)*p != kCanary)
-        return format("msim: out-of-bounds write to buffer(%d)%s (bound length %zu bytes): %zu "
-                      "bytes past its end, in kernel '%s'",
-                      g.indices[0], param_name(d, g.indices[0]).c_str(), g.len,
-                      (size_t)(p - g.slack_hi), d.kernel->desc->host_name);
+        return format(
+            "msim: out-of-bounds write to buffer(%d)%s (bound length %zu bytes): %zu "
+            "bytes past its end, in kernel '%s'",
+            g.indices[0], param_name(d, g.indices[0]).c_str(), g.len, (size_t)(p - g.slack_hi),
+            d.kernel->desc->host_name);
     for (char* p = g.slack_lo; p < g.data; ++p)
       if ((unsigned char)*p != kCanary)
-        return format("msim: out-of-bounds write to buffer(%d)%s: %zu bytes before its start, in "
-                      "kernel '%s'",
-                      g.indices[0], param_name(d, g.indices[0]).c_str(), (size_t)(g.data - p),
-                      d.kernel->desc->host_name);
+        return format(
+            "msim: out-of-bounds write to buffer(%d)%s: %zu bytes before its start, in "
+            "kernel '%s'",
+            g.indices[0], param_name(d, g.indices[0]).c_str(), (size_t)(g.data - p),
+            d.kernel->desc->host_name);
   }
   return "";
 }
@@ -109,11 +112,11 @@ std::string Shadows::compare(const Shadows& other, const Dispatch& d) const {
     const ShadowGroup &a = groups_[i], &b = other.groups_[i];
     for (size_t k = 0; k < a.len; ++k)
       if (a.data[k] != b.data[k])
-        return format("msim: result depends on never-written threadgroup memory in kernel '%s': "
-                      "buffer(%d)%s differs at byte %zu when the poison pattern changes "
-                      "(a read before any thread wrote it, or a missing barrier)",
-                      d.kernel->desc->host_name, a.indices[0],
-                      param_name(d, a.indices[0]).c_str(), k);
+        return format(
+            "msim: result depends on never-written threadgroup memory in kernel '%s': "
+            "buffer(%d)%s differs at byte %zu when the poison pattern changes "
+            "(a read before any thread wrote it, or a missing barrier)",
+            d.kernel->desc->host_name, a.indices[0], param_name(d, a.indices[0]).c_str(), k);
   }
   return "";
 }

@@ -11,7 +11,7 @@ KERNELS = Path(__file__).resolve().parent / "kernels"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import msim  # noqa: E402
+import msim
 
 HAVE_CLANG = bool(shutil.which("clang++-19") or shutil.which("clang++"))
 

@@ -16,19 +16,24 @@ def write(tmp_path, body: str, name: str = "k.metal"):
 
 
 def test_pointer_address_space_mixup_fails_only_in_strict_mode(tmp_path):
-    src = write(tmp_path, """\
+    src = write(
+        tmp_path,
+        """\
         float sum2(thread const float* p) { return p[0] + p[1]; }
         kernel void k(device const float* x [[buffer(0)]], device float* y [[buffer(1)]]) {
           y[0] = sum2(x);
         }
-        """)  # fmt: skip
+        """,
+    )
     msim.build([src])  # default mode models a flat address space, like C++
     with pytest.raises(msim.BuildError, match=r"k\.metal:5:\d+: error: no matching function"):
         msim.check([src])
 
 
 def test_strict_mode_accepts_correct_address_spaces(tmp_path):
-    src = write(tmp_path, """\
+    src = write(
+        tmp_path,
+        """\
         float sum2(device const float* p) { return p[0] + p[1]; }
         float first(threadgroup const float* t) { return t[0]; }
         kernel void k(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
@@ -38,7 +43,8 @@ def test_strict_mode_accepts_correct_address_spaces(tmp_path):
           threadgroup_barrier(mem_flags::mem_threadgroup);
           y[tid] = sum2(x) * s + first(t);
         }
-        """)  # fmt: skip
+        """,
+    )
     assert len(msim.check([src])) == 1
 
 
@@ -47,7 +53,10 @@ def test_strict_mode_accepts_correct_address_spaces(tmp_path):
     [
         ("y[0] = std::max(y[0], 1.0f);", "use of undeclared identifier 'std'"),
         ('printf("%f", y[0]);', "use of undeclared identifier 'printf'"),
-        ("device float* p = (device float*)malloc(4); y[0] = p[0];", "undeclared identifier 'malloc'"),
+        (
+            "device float* p = (device float*)malloc(4); y[0] = p[0];",
+            "undeclared identifier 'malloc'",
+        ),
         ("float4 v = float4(1.0f, 2.0f, 3.0f); y[0] = v.x;", "component count does not match"),
     ],
 )
@@ -58,11 +67,14 @@ def test_non_msl_code_fails_to_compile(tmp_path, stmt, error):
 
 
 def test_compile_errors_point_at_the_metal_line(tmp_path):
-    src = write(tmp_path, """\
+    src = write(
+        tmp_path,
+        """\
         kernel void k(device float* y [[buffer(0)]]) {
           y[0] = undefined_name;
         }
-        """)  # fmt: skip
+        """,
+    )
     with pytest.raises(msim.BuildError, match=r"k\.metal:4:\d+: error: use of undeclared"):
         msim.build([src])
 
@@ -70,29 +82,49 @@ def test_compile_errors_point_at_the_metal_line(tmp_path):
 @pytest.mark.parametrize(
     "body,error",
     [
-        ("kernel void k(device float* y [[buffer(0)]]) {\n  threadgroup float t[4] = {0};\n"
-         "  y[0] = t[0];\n}\n", r"k\.metal:4: error: threadgroup variable 't' cannot have an "
-         "initializer"),
-        ("kernel void k(device float* y [[buffer(0)]], uint n) { y[0] = n; }\n",
-         r"k\.metal:3: error: parameter 'n' of kernel 'k' needs \[\[buffer\(i\)\]\]"),
-        ("kernel void k(device float* y [[buffer(0)]], device float* z [[buffer(0)]]) {}\n",
-         r"k\.metal:3: error: kernel 'k': \[\[buffer\(0\)\]\] bound twice"),
-        ("constant bool has_bias [[function_constant(0)]];\n"
-         "kernel void k(device float* y [[buffer(0)]]) { y[0] = has_bias; }\n",
-         "msim does not support function constants"),
-        ("template <typename T> kernel void k(device T* y [[buffer(0)]]) {}\n"
-         "template kernel void k<float>(device float*);\n",
-         r"k\.metal:4: error: explicit kernel instantiation of 'k' needs \[\[host_name\]\]"),
+        (
+            (
+                "kernel void k(device float* y [[buffer(0)]]) {\n  threadgroup float t[4] = {0};\n"
+                "  y[0] = t[0];\n}\n"
+            ),
+            r"k\.metal:4: error: threadgroup variable 't' cannot have an initializer",
+        ),
+        (
+            "kernel void k(device float* y [[buffer(0)]], uint n) { y[0] = n; }\n",
+            r"k\.metal:3: error: parameter 'n' of kernel 'k' needs \[\[buffer\(i\)\]\]",
+        ),
+        (
+            "kernel void k(device float* y [[buffer(0)]], device float* z [[buffer(0)]]) {}\n",
+            r"k\.metal:3: error: kernel 'k': \[\[buffer\(0\)\]\] bound twice",
+        ),
+        (
+            (
+                "constant bool has_bias [[function_constant(0)]];\n"
+                "kernel void k(device float* y [[buffer(0)]]) { y[0] = has_bias; }\n"
+            ),
+            "msim does not support function constants",
+        ),
+        (
+            (
+                "template <typename T> kernel void k(device T* y [[buffer(0)]]) {}\n"
+                "template kernel void k<float>(device float*);\n"
+            ),
+            r"k\.metal:4: error: explicit kernel instantiation of 'k' needs \[\[host_name\]\]",
+        ),
     ],
-)  # fmt: skip
+)
 def test_generator_errors_name_file_and_line(tmp_path, body, error):
     with pytest.raises(msim.BuildError, match=error):
         msim.build([write(tmp_path, body)])
 
 
 def test_duplicate_names_across_files(tmp_path):
-    a = write(tmp_path, "kernel void k(device float* y [[buffer(0)]]) { y[0] = 1.0f; }\n", "a.metal")
-    b = write(tmp_path, "kernel void k(device float* y [[buffer(0)]]) { y[0] = 2.0f; }\n", "b.metal")
+    a = write(
+        tmp_path, "kernel void k(device float* y [[buffer(0)]]) { y[0] = 1.0f; }\n", "a.metal"
+    )
+    b = write(
+        tmp_path, "kernel void k(device float* y [[buffer(0)]]) { y[0] = 2.0f; }\n", "b.metal"
+    )
     with pytest.raises(msim.BuildError, match="multiple definition"):  # as when linking a metallib
         msim.build([a, b])
     a.write_text(HEADER + '[[host_name("k")]] kernel void ka(device float* y [[buffer(0)]]) {}\n')
@@ -105,7 +137,9 @@ def test_duplicate_names_across_files(tmp_path):
 def test_namespaces_macros_and_instantiations_without_attributes(tmp_path):
     import numpy as np
 
-    src = write(tmp_path, """\
+    src = write(
+        tmp_path,
+        """\
         namespace ops {
         template <typename T, int N>
         kernel void fill(device T* y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
@@ -116,7 +150,8 @@ def test_namespaces_macros_and_instantiations_without_attributes(tmp_path):
         FILL(float, 3)
         FILL(half, 7)
         }  // namespace ops
-        """)  # fmt: skip
+        """,
+    )
     lib = msim.load([src])
     assert set(lib.kernels) == {"fill_float_3", "fill_half_7"}
     y = np.zeros(5, np.float16)

@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import KERNELS
 
 import msim
-from conftest import KERNELS
 
 BUGS = KERNELS / "bugs" / "bugs.metal"
 SOURCE = BUGS.read_text().splitlines()
@@ -31,7 +31,9 @@ def test_early_return_before_barrier(bugs):
     assert "thread (40,0,0) of threadgroup (0,0,0)" in msg and "returned while 40 thread(s)" in msg
     assert f"bugs.metal:{line_of('early_return_bug', 'threadgroup_barrier')}" in msg
     bugs.dispatch("early_return_fixed", [x, y, 40], (64,), threadgroups=(1,))
-    np.testing.assert_array_equal(y[:40], np.where(63 - np.arange(40) < 40, x[63 - np.arange(40)], 0))
+    np.testing.assert_array_equal(
+        y[:40], np.where(63 - np.arange(40) < 40, x[63 - np.arange(40)], 0)
+    )
 
 
 def test_barriers_at_different_call_sites(bugs):
@@ -50,7 +52,9 @@ def test_more_than_1024_threads_per_threadgroup(bugs):
     y = np.zeros(4096, np.float32)
     with pytest.raises(msim.MetalError, match=r"32x33x1 = 1056 exceeds the limit of 1024"):
         bugs.dispatch("divergent_barrier_fixed", [y], (32, 33), threadgroups=(1,))
-    with pytest.raises(msim.MetalError, match=r"= 512 exceeds the limit of 256 for kernel 'capped'"):
+    with pytest.raises(
+        msim.MetalError, match=r"= 512 exceeds the limit of 256 for kernel 'capped'"
+    ):
         bugs.dispatch("capped", [y], (512,), threads=(512,))
     bugs.dispatch("capped", [y], (256,), threads=(4096,))
     np.testing.assert_array_equal(y, np.arange(4096))
@@ -83,8 +87,11 @@ def test_reads_of_never_written_threadgroup_memory(bugs):
     y = np.zeros(1, np.float32)
     bugs.dispatch("uninit_read_bug", [x, y], (64,), threadgroups=(1,))
     assert np.isnan(y[0])  # poison (0xFF bytes) makes the bad read visible in the result
-    with pytest.raises(msim.MetalError, match=r"never-written threadgroup memory in kernel "
-                       r"'uninit_read_bug': buffer\(1\) 'y' differs at byte 0"):  # fmt: skip
+    with pytest.raises(
+        msim.MetalError,
+        match=r"never-written threadgroup memory in kernel "
+        r"'uninit_read_bug': buffer\(1\) 'y' differs at byte 0",
+    ):
         bugs.dispatch("uninit_read_bug", [x, y], (64,), threadgroups=(1,), uninit_check=1)
     bugs.dispatch("uninit_read_fixed", [x, y], (64,), threadgroups=(1,), uninit_check=1)
     assert y[0] == 64.0
@@ -97,8 +104,11 @@ def test_out_of_bounds_device_access_is_reported_not_fatal(bugs):
     with pytest.raises(msim.MetalError) as err:
         bugs.dispatch("oob_bug", [p, g], (256,), threadgroups=(2,))
     msg = str(err.value)
-    assert re.search(r"out-of-bounds access to buffer\([01]\) '[pg]' \(bound length 8000 bytes\):"
-                     r" 0 bytes past its end", msg), msg  # fmt: skip
+    assert re.search(
+        r"out-of-bounds access to buffer\([01]\) '[pg]' \(bound length 8000 bytes\):"
+        r" 0 bytes past its end",
+        msg,
+    ), msg
     assert "thread (244,0,0) of threadgroup (1,0,0)" in msg
     if shutil.which("llvm-symbolizer-19"):
         assert f"bugs.metal:{line_of('oob_bug', 'p[gid] -=')}" in msg
@@ -108,8 +118,11 @@ def test_out_of_bounds_device_access_is_reported_not_fatal(bugs):
 
 def test_out_of_bounds_write_inside_the_last_granule(bugs):
     y = np.zeros(1001, np.float32)  # 4004 bytes: the byte after the end is not page-aligned
-    with pytest.raises(msim.MetalError, match=r"out-of-bounds write to buffer\(0\) 'y' "
-                       r"\(bound length 4004 bytes\): 0 bytes past its end"):  # fmt: skip
+    with pytest.raises(
+        msim.MetalError,
+        match=r"out-of-bounds write to buffer\(0\) 'y' "
+        r"\(bound length 4004 bytes\): 0 bytes past its end",
+    ):
         bugs.dispatch("tail_write_bug", [y, 1001], (64,), threads=(1002,))
     y = np.zeros(1000, np.float32)  # 4000 bytes: the write hits the guard page directly
     with pytest.raises(msim.MetalError, match=r"out-of-bounds access to buffer\(0\) 'y'"):

@@ -70,10 +70,12 @@ def test_rmsnorm(lib, dtype, rows, cols, tpg):
     x = torch.randn(rows, cols).to(DTYPES[dtype])
     w = torch.rand(cols).to(DTYPES[dtype])
     y = torch.empty_like(x)
-    lib.dispatch(f"rmsnorm_{dtype}", [x, w, y, cols, np.float32(1e-6)], (tpg,),
-                 threadgroups=(rows,))  # fmt: skip
-    torch.testing.assert_close(y.float(), rmsnorm_ref(x, w, 1e-6).float(), rtol=TOL[dtype] * 2,
-                               atol=TOL[dtype] * 2)  # fmt: skip
+    lib.dispatch(
+        f"rmsnorm_{dtype}", [x, w, y, cols, np.float32(1e-6)], (tpg,), threadgroups=(rows,)
+    )
+    torch.testing.assert_close(
+        y.float(), rmsnorm_ref(x, w, 1e-6).float(), rtol=TOL[dtype] * 2, atol=TOL[dtype] * 2
+    )
 
 
 def test_rmsnorm_ci_size_1024_threads(lib):
@@ -92,8 +94,15 @@ def test_results_do_not_depend_on_execution_order(lib, lane_order, tg_order):
     ref = torch.empty_like(x)
     lib.dispatch("rmsnorm_float", [x, w, ref, 300, np.float32(1e-6)], (96,), threadgroups=(9,))
     y = torch.empty_like(x)
-    lib.dispatch("rmsnorm_float", [x, w, y, 300, np.float32(1e-6)], (96,), threadgroups=(9,),
-                 lane_order=lane_order, tg_order=tg_order, seed=7)  # fmt: skip
+    lib.dispatch(
+        "rmsnorm_float",
+        [x, w, y, 300, np.float32(1e-6)],
+        (96,),
+        threadgroups=(9,),
+        lane_order=lane_order,
+        tg_order=tg_order,
+        seed=7,
+    )
     assert torch.equal(y, ref)
 
 
@@ -148,7 +157,9 @@ def test_simdgroup_matrix_matmul(lib, dtype):
     b = RNG.standard_normal((k, n)).astype(dtype)
     c = np.zeros((m, n), np.float32)
     name = "matmul8_float" if dtype == np.float32 else "matmul8_half"
-    lib.dispatch(name, [a, b, c, np.array([m, n, k], np.uint32)], (32,), threadgroups=(n // 8, m // 8))
+    lib.dispatch(
+        name, [a, b, c, np.array([m, n, k], np.uint32)], (32,), threadgroups=(n // 8, m // 8)
+    )
     np.testing.assert_allclose(c, a.astype(np.float32) @ b.astype(np.float32), rtol=1e-4, atol=1e-4)
 
 
@@ -171,7 +182,8 @@ def test_float_and_int_atomics(lib):
 def test_buffer_offsets_and_lengths(lib):
     x = RNG.standard_normal(100).astype(np.float32)
     y = np.zeros(100, np.float32)
-    lib.dispatch("silu_float", [msim.Buffer(x, 40, 40), msim.Buffer(y, 80, 40), 10], (32,),
-                 threads=(10,))  # fmt: skip
+    lib.dispatch(
+        "silu_float", [msim.Buffer(x, 40, 40), msim.Buffer(y, 80, 40), 10], (32,), threads=(10,)
+    )
     np.testing.assert_allclose(y[20:30], x[10:20] / (1 + np.exp(-x[10:20])), rtol=1e-6)
     assert not y[:20].any() and not y[30:].any()

@@ -3,8 +3,8 @@ are reported with their .metal line; correct kernels that share threadgroup memo
 
 import numpy as np
 import pytest
-
 from conftest import KERNELS
+
 from msim.race import race_check
 
 BUGS = [KERNELS / "bugs" / "bugs.metal"]
@@ -20,22 +20,31 @@ def bug_line(needle: str) -> int:
 
 def test_missing_barrier_race_is_pinned_to_its_line():
     x = np.arange(1, 9, dtype=np.float32)
-    bad = race_check(BUGS, "missing_barrier_bug", [x, np.zeros(64, np.float32), 8], (64,),
-                     threadgroups=(1,))  # fmt: skip
+    bad = race_check(
+        BUGS, "missing_barrier_bug", [x, np.zeros(64, np.float32), 8], (64,), threadgroups=(1,)
+    )
     assert bad.races, bad.log
     assert any(f"bugs.metal:{bug_line('acc += shared_val')}" in r for r in bad.races), bad.races
-    good = race_check(BUGS, "missing_barrier_fixed", [x, np.zeros(64, np.float32), 8], (64,),
-                      threadgroups=(1,))  # fmt: skip
+    good = race_check(
+        BUGS, "missing_barrier_fixed", [x, np.zeros(64, np.float32), 8], (64,), threadgroups=(1,)
+    )
     assert good.clean, good.log
     np.testing.assert_array_equal(good.outputs[1], np.arange(1, 65) * x.sum())
 
 
 def test_unsynchronised_device_writes_across_threadgroups():
-    bad = race_check(BUGS, "cross_group_race_bug", [np.zeros(1, np.float32)], (32,),
-                     threadgroups=(4,), workers=2)  # fmt: skip
+    bad = race_check(
+        BUGS, "cross_group_race_bug", [np.zeros(1, np.float32)], (32,), threadgroups=(4,), workers=2
+    )
     assert any("cross_group_race_bug" in r for r in bad.races), bad.log
-    good = race_check(BUGS, "cross_group_race_fixed", [np.zeros(1, np.float32)], (32,),
-                      threadgroups=(4,), workers=2)  # fmt: skip
+    good = race_check(
+        BUGS,
+        "cross_group_race_fixed",
+        [np.zeros(1, np.float32)],
+        (32,),
+        threadgroups=(4,),
+        workers=2,
+    )
     assert good.clean, good.log
     assert good.outputs[0][0] == sum(range(128))
 
@@ -43,19 +52,47 @@ def test_unsynchronised_device_writes_across_threadgroups():
 @pytest.mark.parametrize(
     "name,make_args,tpg,grid",
     [
-        ("rmsnorm_float", lambda: [RNG.standard_normal((3, 300)).astype(np.float32),
-                                   np.ones(300, np.float32), np.zeros((3, 300), np.float32),
-                                   300, np.float32(1e-6)], (96,), {"threadgroups": (3,)}),
-        ("transpose", lambda: [RNG.standard_normal((20, 30)).astype(np.float32),
-                               np.zeros((30, 20), np.float32), np.array([20, 30], np.uint32)],
-         (16, 16), {"threadgroups": (2, 2)}),
-        ("compact", lambda: [RNG.standard_normal(200).astype(np.float32),
-                             np.zeros(200, np.float32), np.zeros(1, np.uint32), 200], (64,),
-         {"threads": (200,)}),
-        ("histogram", lambda: [RNG.integers(0, 99, 200).astype(np.uint32),
-                               np.zeros(16, np.uint32), 200], (64,), {"threads": (200,)}),
+        (
+            "rmsnorm_float",
+            lambda: [
+                RNG.standard_normal((3, 300)).astype(np.float32),
+                np.ones(300, np.float32),
+                np.zeros((3, 300), np.float32),
+                300,
+                np.float32(1e-6),
+            ],
+            (96,),
+            {"threadgroups": (3,)},
+        ),
+        (
+            "transpose",
+            lambda: [
+                RNG.standard_normal((20, 30)).astype(np.float32),
+                np.zeros((30, 20), np.float32),
+                np.array([20, 30], np.uint32),
+            ],
+            (16, 16),
+            {"threadgroups": (2, 2)},
+        ),
+        (
+            "compact",
+            lambda: [
+                RNG.standard_normal(200).astype(np.float32),
+                np.zeros(200, np.float32),
+                np.zeros(1, np.uint32),
+                200,
+            ],
+            (64,),
+            {"threads": (200,)},
+        ),
+        (
+            "histogram",
+            lambda: [RNG.integers(0, 99, 200).astype(np.uint32), np.zeros(16, np.uint32), 200],
+            (64,),
+            {"threads": (200,)},
+        ),
     ],
-)  # fmt: skip
+)
 def test_threadgroup_memory_kernels_are_race_free(name, make_args, tpg, grid):
     report = race_check(GOOD, name, make_args(), tpg, workers=2, **grid)
     assert report.clean, report.log

@@ -17,8 +17,10 @@ kernel void histogram(device const uint* x [[buffer(0)]], device atomic_uint* bi
   }
 }
 
-kernel void atomic_sum(device const float* x [[buffer(0)]], device atomic_float* total [[buffer(1)]],
-                       device atomic_int* maxv [[buffer(2)]], uint gid [[thread_position_in_grid]]) {
+kernel void atomic_sum(device const float* x [[buffer(0)]],
+                       device atomic_float* total [[buffer(1)]],
+                       device atomic_int* maxv [[buffer(2)]],
+                       uint gid [[thread_position_in_grid]]) {
   atomic_fetch_add_explicit(total, x[gid], memory_order_relaxed);
   atomic_fetch_max_explicit(maxv, int(x[gid] * 100.0f), memory_order_relaxed);
 }

@@ -13,9 +13,8 @@ template [[host_name("silu_float")]] kernel void silu<float>(device const float*
                                                              constant uint&, uint);
 template [[host_name("silu_half")]] kernel void silu<half>(device const half*, device half*,
                                                            constant uint&, uint);
-template [[host_name("silu_bfloat")]] kernel void silu<bfloat>(device const bfloat*,
-                                                               device bfloat*, constant uint&,
-                                                               uint);
+template [[host_name("silu_bfloat")]] kernel void silu<bfloat>(device const bfloat*, device bfloat*,
+                                                               constant uint&, uint);
 
 // Each thread handles 4 elements; the last thread finishes the n % 4 tail element-wise.
 kernel void silu_vec4(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
@@ -32,10 +31,10 @@ kernel void silu_vec4(device const float* x [[buffer(0)]], device float* y [[buf
 // Vector constructors, swizzles and conversions (checked against numpy in the tests).
 kernel void vector_features(device const half4* h [[buffer(0)]], device float4* out [[buffer(1)]],
                             device int4* iout [[buffer(2)]], uint gid [[thread_position_in_grid]]) {
-  float4 f = float4(h[gid]);             // converting, not a bit-cast
+  float4 f = float4(h[gid]);  // converting, not a bit-cast
   float2 lo = f.xy;
-  float4 g = float4(lo, f.zw * 2.0f);    // concatenation
-  g.xy = g.yx;                           // swizzle store
+  float4 g = float4(lo, f.zw * 2.0f);  // concatenation
+  g.xy = g.yx;                         // swizzle store
   float4 s = float4(0.5f) + static_cast<float4>(h[gid]);
   out[gid * 2] = g;
   out[gid * 2 + 1] = s + float4(f.wzyx.x, 1.0f, 2.0h, 3);

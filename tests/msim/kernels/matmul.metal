@@ -16,7 +16,10 @@ kernel void matmul8(device const T* a [[buffer(0)]], device const T* b [[buffer(
   }
   simdgroup_store(acc, c, n, ulong2(tile.x * 8, tile.y * 8));
 }
-template [[host_name("matmul8_float")]] kernel void matmul8<float>(
-    device const float*, device const float*, device float*, constant uint3&, uint2);
-template [[host_name("matmul8_half")]] kernel void matmul8<half>(
-    device const half*, device const half*, device float*, constant uint3&, uint2);
+template [[host_name("matmul8_float")]] kernel void matmul8<float>(device const float*,
+                                                                   device const float*,
+                                                                   device float*, constant uint3&,
+                                                                   uint2);
+template [[host_name("matmul8_half")]] kernel void matmul8<half>(device const half*,
+                                                                 device const half*, device float*,
+                                                                 constant uint3&, uint2);

@@ -5,10 +5,8 @@ using namespace metal;
 template <typename T>
 kernel void rmsnorm(device const T* x [[buffer(0)]], device const T* w [[buffer(1)]],
                     device T* y [[buffer(2)]], constant uint& cols [[buffer(3)]],
-                    constant float& eps [[buffer(4)]],
-                    uint row [[threadgroup_position_in_grid]],
-                    uint tid [[thread_index_in_threadgroup]],
-                    uint tpg [[threads_per_threadgroup]],
+                    constant float& eps [[buffer(4)]], uint row [[threadgroup_position_in_grid]],
+                    uint tid [[thread_index_in_threadgroup]], uint tpg [[threads_per_threadgroup]],
                     uint lane [[thread_index_in_simdgroup]],
                     uint sg [[simdgroup_index_in_threadgroup]],
                     uint n_sg [[simdgroups_per_threadgroup]]) {
@@ -30,10 +28,10 @@ kernel void rmsnorm(device const T* x [[buffer(0)]], device const T* w [[buffer(
   float scale = partial[0];
   for (uint i = tid; i < cols; i += tpg) y[row * cols + i] = T(float(xr[i]) * scale * float(w[i]));
 }
-#define INSTANTIATE(T)                                                                     \
-  template [[host_name("rmsnorm_" #T)]] kernel void rmsnorm<T>(                            \
-      device const T*, device const T*, device T*, constant uint&, constant float&, uint, \
-      uint, uint, uint, uint, uint);
+#define INSTANTIATE(T)                                                                          \
+  template [[host_name("rmsnorm_" #T)]] kernel void rmsnorm<T>(                                 \
+      device const T*, device const T*, device T*, constant uint&, constant float&, uint, uint, \
+      uint, uint, uint, uint);
 INSTANTIATE(float)
 INSTANTIATE(half)
 INSTANTIATE(bfloat)

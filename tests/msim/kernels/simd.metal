@@ -22,8 +22,7 @@ kernel void simd_ops(device const int* x [[buffer(0)]], device int* out [[buffer
 // Keeps x[i] > 0 in order within each threadgroup; threadgroups claim output ranges atomically.
 kernel void compact(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
                     device atomic_uint* count [[buffer(2)]], constant uint& n [[buffer(3)]],
-                    uint gid [[thread_position_in_grid]],
-                    uint tid [[thread_index_in_threadgroup]],
+                    uint gid [[thread_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                     uint lane [[thread_index_in_simdgroup]],
                     uint sg [[simdgroup_index_in_threadgroup]],
                     uint n_sg [[simdgroups_per_threadgroup]]) {

@@ -44,7 +44,8 @@ kernel void divergent_barrier_fixed(device float* y [[buffer(0)]],
 }
 
 // Softmax-style row cache: 8192 floats plus scratch is over the 32 KB threadgroup limit.
-kernel void tg_overflow_bug(device float* y [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+kernel void tg_overflow_bug(device float* y [[buffer(0)]],
+                            uint tid [[thread_index_in_threadgroup]]) {
   threadgroup float row[8192];
   threadgroup float scratch[32];
   row[tid] = 1.0f;
@@ -52,7 +53,8 @@ kernel void tg_overflow_bug(device float* y [[buffer(0)]], uint tid [[thread_ind
   threadgroup_barrier(mem_flags::mem_threadgroup);
   y[tid] = row[tid] + scratch[tid % 32];
 }
-kernel void tg_overflow_fixed(device float* y [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+kernel void tg_overflow_fixed(device float* y [[buffer(0)]],
+                              uint tid [[thread_index_in_threadgroup]]) {
   threadgroup float row[4096];
   threadgroup float scratch[32];
   row[tid] = 1.0f;
@@ -153,7 +155,8 @@ kernel void missing_barrier_fixed(device const float* x [[buffer(0)]],
 
 // Limit checked at dispatch: a kernel that declares a smaller maximum than it is launched with.
 [[max_total_threads_per_threadgroup(256)]] kernel void capped(device float* y [[buffer(0)]],
-                                                               uint gid [[thread_position_in_grid]]) {
+                                                              uint gid
+                                                              [[thread_position_in_grid]]) {
   y[gid] = float(gid);
 }
 
