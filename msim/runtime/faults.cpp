@@ -22,6 +22,18 @@ struct FaultInfo {
 __attribute__((tls_model("initial-exec"))) thread_local FaultInfo tls_fault;
 struct sigaction old_segv, old_bus, old_fpe;
 
+// Leaves a lane interrupted by the watchdog (the report is already filed).
+[[noreturn]] void timeout_exit() { abandon_lane(current_worker()); }
+
+void on_timeout(int, siginfo_t*, void* uc_void) {
+  Worker* w = current_worker();
+  if (!w || !w->in_lane) return;  // between threadgroups: the failed flag stops this worker
+  auto* uc = static_cast<ucontext_t*>(uc_void);
+  uintptr_t sp = (((uintptr_t)w->current->stack_top - 256) & ~(uintptr_t)15) - 8;
+  uc->uc_mcontext.gregs[REG_RSP] = (greg_t)sp;
+  uc->uc_mcontext.gregs[REG_RIP] = (greg_t)(uintptr_t)&timeout_exit;
+}
+
 std::string describe_address(Worker* w, uintptr_t addr) {
   Dispatch& D = *w->d;
   for (const auto& z : D.zones) {
@@ -89,11 +101,18 @@ void on_fault(int sig, siginfo_t* si, void* uc_void) {
 
 }  // namespace
 
+int timeout_signal() { return SIGRTMIN + 7; }
+
 void install_fault_handlers() {
-#ifndef MSIM_TSAN
   static std::once_flag once;
   std::call_once(once, [] {
     struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_timeout;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(timeout_signal(), &sa, nullptr);
+#ifndef MSIM_TSAN
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
@@ -101,8 +120,8 @@ void install_fault_handlers() {
     sigaction(SIGSEGV, &sa, &old_segv);
     sigaction(SIGBUS, &sa, &old_bus);
     sigaction(SIGFPE, &sa, &old_fpe);
-  });
 #endif
+  });
 }
 
 std::string symbolize(uintptr_t pc) {

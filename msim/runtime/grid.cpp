@@ -1,8 +1,11 @@
 // Grid execution: threadgroups are pulled from a shared sequence by worker OS threads.
+#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <thread>
 
 #include "tsan.h"
@@ -11,7 +14,18 @@
 namespace msim {
 namespace {
 
-void worker_loop(Dispatch* d) {
+struct Watch {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::vector<pthread_t> workers;
+};
+
+void worker_loop(Dispatch* d, Watch* watch) {
+  {
+    std::lock_guard<std::mutex> lock(watch->mu);
+    watch->workers.push_back(pthread_self());
+  }
   // The fault handler runs on an alternate stack: a fiber stack overflow leaves none usable.
   static constexpr size_t kAltStack = 64 * 1024;
   std::vector<char> alt(kAltStack);
@@ -30,6 +44,11 @@ void worker_loop(Dispatch* d) {
       w.run_threadgroup(d->tg_sequence[i]);
     }
     set_current_worker(nullptr);
+  }
+  {
+    std::lock_guard<std::mutex> lock(watch->mu);  // no watchdog signal once this thread leaves
+    auto& ws = watch->workers;
+    ws.erase(std::find(ws.begin(), ws.end(), pthread_self()));
   }
   if (old.ss_flags & SS_DISABLE) {
     stack_t off{};
@@ -59,9 +78,27 @@ bool run_grid(Dispatch& d) {
   unsigned n = d.opt.workers ? d.opt.workers : std::max(1u, std::thread::hardware_concurrency());
   n = (unsigned)std::min<size_t>(n, total);
   std::vector<std::thread> extra;
-  for (unsigned i = 1; i < n; ++i) extra.emplace_back(worker_loop, &d);
-  worker_loop(&d);  // the calling thread works too
+  Watch watch;
+  // Watchdog: a thread spinning on memory nobody writes would hang forever; interrupt it.
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(watch.mu);
+    auto limit = std::chrono::duration<double>(d.opt.timeout);
+    if (d.opt.timeout <= 0 || watch.cv.wait_for(lock, limit, [&] { return watch.done; })) return;
+    d.report(
+        format("msim: kernel '%s' still running after %.0f s: deadlock or spin-wait on "
+               "memory no other thread writes? (raise MSIM_TIMEOUT for long kernels)",
+               d.kernel->desc->host_name, d.opt.timeout));
+    for (pthread_t t : watch.workers) pthread_kill(t, timeout_signal());
+  });
+  for (unsigned i = 1; i < n; ++i) extra.emplace_back(worker_loop, &d, &watch);
+  worker_loop(&d, &watch);  // the calling thread works too
   for (auto& t : extra) t.join();
+  {
+    std::lock_guard<std::mutex> lock(watch.mu);
+    watch.done = true;
+  }
+  watch.cv.notify_all();
+  watchdog.join();
   return !d.failed.load();
 }
 

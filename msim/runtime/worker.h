@@ -63,6 +63,7 @@ struct Worker {
 Worker* current_worker();
 void set_current_worker(Worker* w);
 void install_fault_handlers();
+int timeout_signal();  // sent by the watchdog to interrupt a lane that never yields
 // Leaves the running lane for good after a detector fired (never returns).
 [[noreturn]] void abandon_lane(Worker* w);
 std::string thread_desc(const __msim_ids& ids);

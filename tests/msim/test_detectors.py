@@ -180,3 +180,12 @@ def test_host_errors(bugs):
         enc.dispatch_threads((1,), (1,))
     with pytest.raises(msim.MetalError, match="lane_order must be forward, reverse or random"):
         enc.set_option("lane_order", "sideways")
+
+
+def test_spin_wait_deadlock_is_interrupted(bugs):
+    y = np.zeros(2, np.uint32)
+    with pytest.raises(msim.MetalError, match=r"'spin_wait_bug' still running after 1 s"):
+        bugs.dispatch("spin_wait_bug", [y], (2,), threadgroups=(1,), timeout=1)
+    z = np.zeros(4, np.float32)
+    bugs.dispatch("capped", [z], (4,), threads=(4,))  # the library is still usable
+    np.testing.assert_array_equal(z, np.arange(4))

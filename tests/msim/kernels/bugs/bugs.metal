@@ -177,3 +177,14 @@ kernel void dynamic_tg(device float* y [[buffer(0)]], threadgroup float* scratch
   threadgroup_barrier(mem_flags::mem_threadgroup);
   y[tid] = scratch[tpg - 1 - tid];
 }
+
+// Thread 0 spins on a flag that a later thread sets: no forward-progress guarantee on a GPU,
+// and under msim's run-until-block scheduling it never ends (the watchdog reports it).
+kernel void spin_wait_bug(device uint* y [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup atomic_uint flag;
+  if (tid == 1) atomic_store_explicit(&flag, 1u, memory_order_relaxed);
+  if (tid == 0)
+    while (atomic_load_explicit(&flag, memory_order_relaxed) != 1u) {
+    }
+  y[tid] = tid;
+}
