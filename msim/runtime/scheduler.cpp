@@ -102,10 +102,36 @@ Worker::~Worker() {
   if (arena) munmap(arena, arena_len);
 }
 
+// Stack mappings outlive dispatches: fresh ones would cost a page fault per simulated thread.
+struct StackMap {
+  char* map;
+  size_t len, count, size;
+};
+std::mutex& pool_mu() {
+  static auto* m = new std::mutex;
+  return *m;
+}
+std::vector<StackMap>& pool() {
+  static auto* p = new std::vector<StackMap>;
+  return *p;
+}
+
 void Worker::ensure_stacks(unsigned n, size_t size) {
   size = (size + page_size() - 1) & ~(page_size() - 1);
   if (stack_map && stack_count >= n && stack_size == size) return;
   release_stacks();
+  if (!kTsan) {
+    std::lock_guard<std::mutex> lock(pool_mu());
+    for (size_t i = 0; i < pool().size(); ++i) {
+      StackMap m = pool()[i];
+      if (m.count >= n && m.size == size) {
+        pool().erase(pool().begin() + i);
+        stack_map = m.map, stack_map_len = m.len, stack_count = m.count, stack_size = m.size;
+        stack_stride = size + page_size();
+        return;
+      }
+    }
+  }
   stack_size = size;
   stack_stride = size + page_size();
   stack_count = std::max<size_t>(n, 32);
@@ -122,7 +148,16 @@ void Worker::ensure_stacks(unsigned n, size_t size) {
 }
 
 void Worker::release_stacks() {
-  if (stack_map) munmap(stack_map, stack_map_len);  // also resets TSan's shadow of the stacks
+  if (!stack_map) return;
+  bool pooled = false;
+  if (!kTsan) {  // race mode unmaps: that also resets TSan's shadow of the stacks
+    std::lock_guard<std::mutex> lock(pool_mu());
+    if (pool().size() < 8) {
+      pool().push_back({stack_map, stack_map_len, stack_count, stack_size});
+      pooled = true;
+    }
+  }
+  if (!pooled) munmap(stack_map, stack_map_len);
   stack_map = nullptr;
   stack_count = 0;
 }
