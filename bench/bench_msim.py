@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import msim  # noqa: E402
+import msim
 
 KERNELS = Path(__file__).resolve().parents[1] / "tests" / "msim" / "kernels"
 
@@ -35,12 +35,12 @@ kernel void barriers(device uint* out [[buffer(0)]], constant uint& iters [[buff
 CPU = []  # CPU seconds (all threads) of the best run, next to its wall time
 
 
-def best_of(fn, repeat=3) -> float:
+def best_of(fn, *args, repeat=3, **kwargs) -> float:
     """Best wall time; CPU time is recorded too since shared CI machines inflate wall time."""
     best = None
     for _ in range(repeat):
         c0, t0 = time.process_time(), time.perf_counter()
-        fn()
+        fn(*args, **kwargs)
         t, c = time.perf_counter() - t0, time.process_time() - c0
         if best is None or t < best[0]:
             best = (t, c)
@@ -59,7 +59,7 @@ def main() -> None:
 
     out = np.zeros(1024, np.uint32)
     iters = 2000
-    t = best_of(lambda: sw.dispatch("barriers", [out, iters], (1024,), threadgroups=(workers,)))
+    t = best_of(sw.dispatch, "barriers", [out, iters], (1024,), threadgroups=(workers,))
     switches = 2 * 1024 * iters * workers
     rows.append(
         (
@@ -75,14 +75,14 @@ def main() -> None:
         y = np.empty_like(x)
         for tpg in (256, 1024):
             for guard in (1, 0):
+                args = [x, w, y, cols, np.float32(1e-6)]
                 t = best_of(
-                    lambda: lib.dispatch(
-                        "rmsnorm_float",
-                        [x, w, y, cols, np.float32(1e-6)],
-                        (tpg,),
-                        threadgroups=(rows_,),
-                        guard=guard,
-                    ),
+                    lib.dispatch,
+                    "rmsnorm_float",
+                    args,
+                    (tpg,),
+                    threadgroups=(rows_,),
+                    guard=guard,
                     repeat=3 if rows_ == 64 else 1,
                 )
                 rows.append(
@@ -96,7 +96,7 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     y = np.empty_like(x)
     for name, threads in (("silu_float", n), ("silu_vec4", n // 4)):
-        t = best_of(lambda: lib.dispatch(name, [x, y, n], (256,), threads=(threads,)), repeat=1)
+        t = best_of(lib.dispatch, name, [x, y, n], (256,), threads=(threads,), repeat=1)
         rows.append(
             (
                 f"{name} 16M elements ({threads} threads)",

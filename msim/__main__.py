@@ -35,6 +35,11 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    print(B.build(args.paths, args.include, mode=args.mode, defines=args.define))
+    return 0
+
+
 def _cmd_list(args) -> int:
     lib = Library(B.build(args.paths, args.include, defines=args.define))
     for k in lib.kernels.values():
@@ -125,6 +130,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="strict address-space compile check (CI lint)")
     p.add_argument("paths", nargs="+")
     common(p)
+    p = sub.add_parser("build", help="build (cached) and print the kernel library path")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--mode", default="default", choices=["default", "tsan"])
+    common(p)
     p = sub.add_parser("list", help="list host names and their signatures")
     p.add_argument("paths", nargs="+")
     common(p)
@@ -149,7 +158,13 @@ def main(argv=None) -> int:
     if args.cmd == "coverage":
         args.files = [a for a in args.kernels if not a.endswith(".metal") and Path(a).is_file()]
         args.kernels = [a for a in args.kernels if a not in args.files]
-    handlers = {"check": _cmd_check, "list": _cmd_list, "run": _cmd_run, "coverage": _cmd_coverage}
+    handlers = {
+        "build": _cmd_build,
+        "check": _cmd_check,
+        "list": _cmd_list,
+        "run": _cmd_run,
+        "coverage": _cmd_coverage,
+    }
     try:
         return handlers[args.cmd](args)
     except (B.BuildError, MetalError) as e:

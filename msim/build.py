@@ -94,6 +94,7 @@ def _display_path(path: Path) -> str:
 
 def preprocess(metal: Path, include_dirs=(), mode: str = "default", defines=()) -> str:
     cmd = [clang(), "-E", "-x", "c++", "-std=c++17", "-nostdinc", "-isystem", str(INCLUDE_DIR)]
+    cmd += ["-D__METAL_VERSION__=310", "-D__METAL_MACOS__=1", "-D__HAVE_BFLOAT__=1", "-D__MSIM__=1"]
     cmd += [f"-I{d}" for d in include_dirs] + [f"-D{d}" for d in defines]
     if mode == "strict":
         cmd.append("-DMSIM_STRICT")

@@ -1,8 +1,11 @@
 """Compile-time fidelity: MSL-only names, generator errors with file:line, strict address spaces."""
 
+import ctypes
 import textwrap
 
+import numpy as np
 import pytest
+from conftest import KERNELS
 
 import msim
 
@@ -131,12 +134,10 @@ def test_duplicate_names_across_files(tmp_path):
     b.write_text(HEADER + '[[host_name("k")]] kernel void kb(device float* y [[buffer(0)]]) {}\n')
     lib = msim.load([a, b])
     with pytest.raises(msim.MetalError, match="host name 'k' defined twice"):
-        lib.dispatch("k", [__import__("numpy").zeros(1, "float32")], (1,), threads=(1,))
+        lib.dispatch("k", [np.zeros(1, np.float32)], (1,), threads=(1,))
 
 
 def test_namespaces_macros_and_instantiations_without_attributes(tmp_path):
-    import numpy as np
-
     src = write(
         tmp_path,
         """\
@@ -157,3 +158,17 @@ def test_namespaces_macros_and_instantiations_without_attributes(tmp_path):
     y = np.zeros(5, np.float16)
     lib.dispatch("fill_half_7", [y], (5,), threads=(5,))
     np.testing.assert_array_equal(y, np.full(5, 7.5, np.float16))
+
+
+def test_include_dirs_and_shared_params_struct():
+    inc = KERNELS / "include"
+    lib = msim.load([inc / "scale.metal"], include_dirs=[inc])
+
+    class ScaleParams(ctypes.Structure):  # mirrors family/params.h on the host side
+        _fields_ = [("n", ctypes.c_uint32), ("alpha", ctypes.c_float), ("beta", ctypes.c_float)]
+
+    x = np.arange(130, dtype=np.float32)
+    y = np.zeros(130, np.float32)
+    lib.dispatch("scale_params", [x, y, ScaleParams(130, 2.0, 0.5)], (64,), threads=(130,))
+    np.testing.assert_array_equal(y, 2 * x + 0.5 + np.arange(130) // 64)
+    assert msim.check([inc / "scale.metal"], include_dirs=[inc])
