@@ -564,9 +564,34 @@ _HALF_LIT = re.compile(
 )
 
 
-def _rewrite_exprs(u: _Unit) -> None:
-    """Half literals, static_cast to vectors and vec<T,N>(...) constructors."""
+def _vector_aliases(u: _Unit) -> set[str]:
+    """Names declared as `typedef vec<...> N;` or `using N = vec<...>;` in user code."""
     s = u.sig
+    names = set()
+    for k in range(len(s) - 3):
+        t = u.toks[s[k]]
+        if t.shim or t.orig not in ("typedef", "using"):
+            continue
+        j = k + 1
+        if t.orig == "using":
+            if u.toks[s[k + 2]].orig != "=":
+                continue
+            name, j = u.toks[s[k + 1]].orig, k + 3
+        if u.toks[s[j]].orig == "metal" and u.toks[s[j + 1]].orig == "::":
+            j += 2
+        if u.toks[s[j]].orig != "vec" or u.toks[s[j + 1]].orig != "<":
+            continue
+        close = _match_angle(u, j + 1)
+        if t.orig == "typedef":
+            name = u.toks[s[close + 1]].orig
+        names.add(name)
+    return names
+
+
+def _rewrite_exprs(u: _Unit) -> None:
+    """Half literals, static_cast to vectors and vec<T,N>(...) or alias(...) constructors."""
+    s = u.sig
+    aliases = _vector_aliases(u)
     for k in range(len(s)):
         t = u.toks[s[k]]
         if t.shim:
@@ -580,6 +605,14 @@ def _rewrite_exprs(u: _Unit) -> None:
                 t.text = body + "f16"
         elif t.text == "static_cast" and k + 1 < len(s) and u.toks[s[k + 1]].text == "<":
             t.text = "::metal::__msim_cast"
+        elif t.text in aliases and k + 1 < len(s) and u.toks[s[k + 1]].text == "(":
+            prev = u.toks[s[k - 1]].orig if k else ""
+            if prev not in (".", "->", "::", "typedef", "struct", "class"):
+                # Through a vector alias clang would bit-cast (same size) instead of convert.
+                t.text = (
+                    f"::metal::__make_vec<typename ::metal::__vinfo<{t.text}>::elem, "
+                    f"::metal::__vinfo<{t.text}>::n>"
+                )
         elif t.text == "vec" and k + 1 < len(s) and u.toks[s[k + 1]].text == "<":
             close = _match_angle(u, k + 1)
             if close + 1 < len(s) and u.toks[s[close + 1]].text == "(":

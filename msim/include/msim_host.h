@@ -41,7 +41,8 @@ int msim_set_bytes(msim_encoder* enc, unsigned index, const void* data, size_t l
 int msim_set_threadgroup_memory_length(msim_encoder* enc, unsigned index, size_t length);
 /* Options (defaults come from MSIM_* environment variables): lane_order and tg_order
  * (forward|reverse|random), seed, workers, guard (1: copy buffers next to guard pages),
- * uninit_check (1: rerun with a second poison pattern and compare), tg_mem_limit (bytes),
+ * uninit_check (1: rerun with a second poison pattern and compare), order_check (1: rerun with
+ * the lane order reversed and compare), tg_mem_limit (bytes),
  * max_threads (per threadgroup), stack_size (bytes per simulated thread), timeout (seconds). */
 int msim_set_option(msim_encoder* enc, const char* key, const char* value);
 /* grid: threadgroups (dispatch_threadgroups) or threads (dispatch_threads, edge groups shrink). */

@@ -110,17 +110,31 @@ int dispatch(msim_encoder* e, const unsigned grid[3], const unsigned tg[3], bool
   std::vector<int> used;
   if (prepare(e, d, used)) return -1;
   note_dispatched(d.kernel->desc->host_name);
-  if (d.opt.uninit_check) {
-    d.opt.guard = true;  // the second run needs pristine inputs: the host copy
+  if (d.opt.uninit_check || d.opt.order_check) {
+    d.opt.guard = true;  // reruns need pristine inputs: the host copy
     d.opt.workers = 1;   // and the same order of device atomics
   }
   auto first = run_once(e, d, used, 0xFF);
+  const char* kname = d.kernel->desc->host_name;
   if (!d.failed && d.opt.uninit_check) {
     auto second = run_once(e, d, used, 0x00);
-    if (!d.failed) {
-      std::string diff = first->compare(*second, d);
-      if (!diff.empty()) d.report(diff);
-    }
+    std::string diff = d.failed ? "" : first->compare(*second, d);
+    if (!diff.empty())
+      d.report(
+          format("msim: result depends on never-written threadgroup memory in kernel '%s': "
+                 "%s when the poison byte changes (a read before any thread wrote it, or "
+                 "a missing barrier)",
+                 kname, diff.c_str()));
+  }
+  if (!d.failed && d.opt.order_check) {
+    d.opt.lane_order = d.opt.lane_order == Order::kReverse ? Order::kForward : Order::kReverse;
+    auto second = run_once(e, d, used, 0xFF);
+    std::string diff = d.failed ? "" : first->compare(*second, d);
+    if (!diff.empty())
+      d.report(
+          format("msim: result depends on the order threads run in kernel '%s': %s when "
+                 "the lane order is reversed (missing barrier or racy threadgroup access?)",
+                 kname, diff.c_str()));
   }
   if (d.failed) {
     std::string where = symbolize(d.fault_pc);

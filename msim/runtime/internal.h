@@ -44,6 +44,7 @@ struct Options {
   unsigned workers = 0;  // 0: one per core
   bool guard = true;
   bool uninit_check = false;
+  bool order_check = false;
   size_t tg_mem_limit = 32768;
   unsigned max_threads = 1024;
   size_t stack_size = 64 * 1024;

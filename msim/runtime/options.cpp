@@ -46,6 +46,8 @@ int set_option(Options& o, const char* key, const char* value) {
     o.guard = num != 0;
   else if (k == "uninit_check")
     o.uninit_check = num != 0;
+  else if (k == "order_check")
+    o.order_check = num != 0;
   else if (k == "tg_mem_limit")
     o.tg_mem_limit = (size_t)num;
   else if (k == "max_threads")
@@ -68,6 +70,7 @@ Options options_from_env() {
       {"MSIM_WORKERS", "workers"},
       {"MSIM_GUARD", "guard"},
       {"MSIM_UNINIT_CHECK", "uninit_check"},
+      {"MSIM_ORDER_CHECK", "order_check"},
       {"MSIM_TG_MEM_LIMIT", "tg_mem_limit"},
       {"MSIM_STACK_SIZE", "stack_size"},
       {"MSIM_TIMEOUT", "timeout"},

@@ -26,7 +26,8 @@ class Shadows {
   // Builds shadows for the bindings the kernel uses; fills launch.buffers and zones.
   bool build(const Binding* bindings, const std::vector<int>& used, Dispatch& d);
   std::string check_canaries(const Dispatch& d) const;
-  // First byte where this run's outputs differ from `other` (same layout), or "".
+  // Where this run's outputs first differ from `other` (same layout): "buffer(i) 'name' differs
+  // at byte k", or "" if identical.
   std::string compare(const Shadows& other, const Dispatch& d) const;
   void copy_back() const;
 

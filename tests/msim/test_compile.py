@@ -172,3 +172,24 @@ def test_include_dirs_and_shared_params_struct():
     lib.dispatch("scale_params", [x, y, ScaleParams(130, 2.0, 0.5)], (64,), threads=(130,))
     np.testing.assert_array_equal(y, 2 * x + 0.5 + np.arange(130) // 64)
     assert msim.check([inc / "scale.metal"], include_dirs=[inc])
+
+
+def test_vector_alias_constructors_convert_instead_of_bitcasting(tmp_path):
+    src = write(
+        tmp_path,
+        """\
+        template <typename T>
+        kernel void widen(device const T* x [[buffer(0)]], device float4* y [[buffer(1)]],
+                          uint i [[thread_position_in_grid]]) {
+          typedef vec<float, 4> vec4;
+          using ivec4 = metal::vec<int, 4>;
+          y[i] = vec4(ivec4(x[i])) + vec4(0.5f, 0, 0, vec<float, 2>(1.0f, 2.0f).y);
+        }
+        template [[host_name("widen_int")]] kernel void widen<int4>(device const int4*,
+                                                                   device float4*, uint);
+        """,
+    )
+    x = np.array([[1, -2, 3, 40]], np.int32)
+    y = np.zeros((1, 4), np.float32)
+    msim.load([src]).dispatch("widen_int", [x, y], (1,), threads=(1,))
+    np.testing.assert_array_equal(y, [[1.5, -2, 3, 42]])

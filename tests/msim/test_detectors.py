@@ -159,6 +159,15 @@ def test_missing_barrier_shows_as_execution_order_dependence(bugs):
 
     results = [run("missing_barrier_bug", o) for o in ("forward", "reverse", "random")]
     assert not all(np.array_equal(results[0], r) for r in results[1:])
+    y = np.zeros(64, np.float32)
+    with pytest.raises(
+        msim.MetalError,
+        match=r"depends on the order threads run in kernel "
+        r"'missing_barrier_bug': buffer\(1\) 'y' differs at byte \d+",
+    ):
+        bugs.dispatch("missing_barrier_bug", [x, y, 8], (64,), threadgroups=(1,), order_check=1)
+    bugs.dispatch("missing_barrier_fixed", [x, y, 8], (64,), threadgroups=(1,), order_check=1)
+    np.testing.assert_array_equal(y, ref)
     for order in ("forward", "reverse", "random"):
         np.testing.assert_array_equal(run("missing_barrier_fixed", order), ref)
 
@@ -189,3 +198,21 @@ def test_spin_wait_deadlock_is_interrupted(bugs):
     z = np.zeros(4, np.float32)
     bugs.dispatch("capped", [z], (4,), threads=(4,))  # the library is still usable
     np.testing.assert_array_equal(z, np.arange(4))
+
+
+@pytest.mark.parametrize("check", ["uninit_check", "order_check"])
+def test_rerun_checks_have_no_false_positives(lib, check):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 300)).astype(np.float32)
+    y = np.zeros_like(x)
+    args = [x, np.ones(300, np.float32), y, 300, np.float32(1e-6)]
+    lib.dispatch("rmsnorm_float", args, (96,), threadgroups=(5,), **{check: 1})
+    a = rng.standard_normal((20, 30)).astype(np.float32)
+    out = np.zeros((30, 20), np.float32)
+    shape = np.array([20, 30], np.uint32)
+    lib.dispatch("transpose16", [a, out, shape], (16, 16), threadgroups=(2, 2), **{check: 1})
+    np.testing.assert_array_equal(out, a.T)
+    v = rng.standard_normal(200).astype(np.float32)
+    kept, count = np.zeros(200, np.float32), np.zeros(1, np.uint32)
+    lib.dispatch("compact", [v, kept, count, 200], (64,), threads=(200,), **{check: 1})
+    assert count[0] == (v > 0).sum()

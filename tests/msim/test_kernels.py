@@ -140,13 +140,14 @@ def test_stream_compaction(lib, n, tpg):
     np.testing.assert_array_equal(np.sort(out[: kept.size]), np.sort(kept))
 
 
+@pytest.mark.parametrize("tile", [16, 8])
 @pytest.mark.parametrize("rows,cols", [(37, 50), (16, 16), (1, 70)])
-def test_tiled_transpose_with_partial_tiles(lib, rows, cols):
+def test_tiled_transpose_with_partial_tiles(lib, rows, cols, tile):
     a = RNG.standard_normal((rows, cols)).astype(np.float32)
     out = np.zeros((cols, rows), np.float32)
     shape = np.array([rows, cols], np.uint32)
-    groups = ((cols + 15) // 16, (rows + 15) // 16)
-    lib.dispatch("transpose", [a, out, shape], (16, 16), threadgroups=groups)
+    groups = ((cols + tile - 1) // tile, (rows + tile - 1) // tile)
+    lib.dispatch(f"transpose{tile}", [a, out, shape], (tile, tile), threadgroups=groups)
     np.testing.assert_array_equal(out, a.T)
 
 

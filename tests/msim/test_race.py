@@ -65,14 +65,14 @@ def test_unsynchronised_device_writes_across_threadgroups():
             {"threadgroups": (3,)},
         ),
         (
-            "transpose",
+            "transpose8",
             lambda: [
                 RNG.standard_normal((20, 30)).astype(np.float32),
                 np.zeros((30, 20), np.float32),
                 np.array([20, 30], np.uint32),
             ],
-            (16, 16),
-            {"threadgroups": (2, 2)},
+            (8, 8),
+            {"threadgroups": (4, 3)},
         ),
         (
             "compact",

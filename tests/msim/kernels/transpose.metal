@@ -3,8 +3,7 @@
 #include <metal_stdlib>
 using namespace metal;
 
-constant constexpr uint TILE = 16;
-
+template <uint TILE>
 kernel void transpose(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
                       constant uint2& shape [[buffer(2)]],  // (rows, cols) of `in`
                       uint2 gid [[thread_position_in_grid]],
@@ -18,3 +17,8 @@ kernel void transpose(device const float* in [[buffer(0)]], device float* out [[
   uint ocol = group.y * TILE + tid.x;
   if (orow < cols && ocol < rows) out[orow * rows + ocol] = tile[tid.x][tid.y];
 }
+template [[host_name("transpose16")]] kernel void transpose<16>(device const float*, device float*,
+                                                                constant uint2&, uint2, uint2,
+                                                                uint2);
+template [[host_name("transpose8")]] kernel void transpose<8>(device const float*, device float*,
+                                                              constant uint2&, uint2, uint2, uint2);
