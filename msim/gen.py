@@ -43,7 +43,6 @@ ID_ATTRS = {
     "dispatch_simdgroups_per_threadgroup": ("simdgroups_per_threadgroup", 1),
 }
 UNSUPPORTED_ATTRS = {
-    "function_constant": "function constants",
     "stage_in": "stage_in inputs",
     "texture": "textures",
     "sampler": "samplers",
@@ -78,6 +77,7 @@ class Param:
     type: str
     name: str
     passing: str  # ptr | ref | val
+    cond: str = ""  # function constant index that makes this parameter exist, if any
 
 
 @dataclasses.dataclass
@@ -332,7 +332,9 @@ def _parse_param(u: _Unit, pos: list[int], attr_at: dict, kernel: str) -> tuple:
     return attrs, type_text, name, passing, space
 
 
-def _find_kernels(u: _Unit, attr_at: dict, kinds: list[str], paths: list) -> list[Kernel]:
+def _find_kernels(
+    u: _Unit, attr_at: dict, kinds: list[str], paths: list, fc_index: dict | None = None
+) -> list[Kernel]:
     """Dispatchable kernels: non-template kernel definitions and explicit instantiations."""
     s = u.sig
     templates: dict[str, list] = {}
@@ -351,7 +353,7 @@ def _find_kernels(u: _Unit, attr_at: dict, kinds: list[str], paths: list) -> lis
             continue
         if t.text in (";", "{"):
             if not u.toks[s[stmt_start]].shim:
-                kern = _parse_decl(u, attr_at, stmt_start, k, paths[k], templates)
+                kern = _parse_decl(u, attr_at, stmt_start, k, paths[k], templates, fc_index or {})
                 if kern:
                     kernels.append(kern)
             stmt_start = k + 1
@@ -369,7 +371,7 @@ def _find_kernels(u: _Unit, attr_at: dict, kinds: list[str], paths: list) -> lis
     return kernels
 
 
-def _parse_decl(u, attr_at, lo, hi, ns_path, templates) -> Kernel | None:
+def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | None:
     s = u.sig
     texts = [u.toks[s[j]].text for j in range(lo, hi)]
     if not texts:
@@ -455,7 +457,12 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates) -> Kernel | None:
     for attrs, type_text, pname, passing, space in params:
         label = pname or "<unnamed>"
         binding = None
+        cond = ""
         for a_name, a_arg, a_tok in attrs:
+            if a_name == "function_constant":
+                cond = fc_index.get(a_arg.strip(), a_arg.strip())
+                if not cond.isdigit():
+                    raise _err(a_tok, f"'{a_arg.strip()}' is not a function constant")
             if a_name in UNSUPPORTED_ATTRS:
                 raise _err(a_tok, f"msim does not support {UNSUPPORTED_ATTRS[a_name]}")
             if a_name in ("buffer", "threadgroup"):
@@ -468,6 +475,7 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates) -> Kernel | None:
                 f"parameter '{label}' of kernel '{host}' needs [[buffer(i)]], [[threadgroup(i)]]"
                 " or a thread-position attribute",
             )
+        binding.cond = cond
         if binding.kind != "id":
             key = (binding.kind, binding.index)
             if key in used:
@@ -477,6 +485,88 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates) -> Kernel | None:
                 raise _err(name_tok, f"kernel '{host}': buffer index {binding.index} >= 31")
         out.append(binding)
     return Kernel(host, qual + targs, out, name_tok.file, name_tok.line, max_threads)
+
+
+def _function_constants(u: _Unit, attr_at: dict, kinds: list[str], rewrite: bool) -> dict[str, str]:
+    """Program-scope function constants become per-dispatch lookups; returns name -> index.
+
+    `constant T x [[function_constant(i)]];` is blanked and every later use of `x` reads the
+    value set on the encoder. Constants initialised from function constants (`constant bool y =
+    !is_function_constant_defined(x);`) are substituted as expressions, so they too are
+    evaluated per dispatch instead of once when the library loads.
+    """
+    s = u.sig
+    index: dict[str, str] = {}
+    subst: dict[str, str] = {}
+    k = 0
+    while k < len(s):
+        t = u.toks[s[k]]
+        if t.shim or t.orig != "__msim_constant" or kinds[k] != "ns":
+            k += 1
+            continue
+        end = k
+        while u.toks[s[end]].orig != ";":
+            end += 1
+        fc_attr = None
+        for j in range(k, end):
+            if j in attr_at:
+                for a_name, a_arg, _ in attr_at[j][1]:
+                    if a_name == "function_constant":
+                        fc_attr = a_arg.strip()
+        plain = [
+            j
+            for j in range(k + 1, end)
+            if not any(a <= j <= attr_at[a][0] for a in attr_at if a <= j)
+        ]
+        eq = next((j for j in plain if u.toks[s[j]].orig == "="), None)
+        decl = plain if eq is None else [j for j in plain if j < eq]
+        name_pos = decl[-1] if decl else None
+        type_text = " ".join(u.toks[s[j]].orig for j in decl[:-1])
+        init_uses_fc = eq is not None and any(
+            u.toks[s[j]].orig in index
+            or u.toks[s[j]].orig in subst
+            or u.toks[s[j]].orig == "is_function_constant_defined"
+            for j in plain
+            if j > eq
+        )
+        if fc_attr is None and not init_uses_fc:
+            k = end + 1
+            continue
+        if rewrite:
+            _rewrite_fc_uses(u, k, end, index, subst)
+        name = u.toks[s[name_pos]].orig
+        if fc_attr is not None:
+            index[name] = fc_attr
+            subst[name] = f"(({type_text})__msim_function_constant({fc_attr}, __FILE__, __LINE__))"
+        else:
+            init = " ".join(u.toks[s[j]].text for j in plain if j > eq)
+            subst[name] = f"(({type_text})({init}))"
+        if rewrite:
+            for j in range(k, end + 1):
+                u.blank(s[j])
+        k = end + 1
+    if subst and rewrite:
+        _rewrite_fc_uses(u, 0, len(s), index, subst, skip_attrs=attr_at)
+    return index
+
+
+def _rewrite_fc_uses(u: _Unit, lo: int, hi: int, index: dict, subst: dict, skip_attrs=None) -> None:
+    s = u.sig
+    in_attr = set()
+    for a, (e, _) in (skip_attrs or {}).items():
+        in_attr.update(range(a, e + 1))
+    for j in range(lo, hi):
+        t = u.toks[s[j]]
+        if t.shim or j in in_attr or t.text != t.orig:
+            continue
+        prev = u.toks[s[j - 1]].orig if j else ""
+        if t.orig == "is_function_constant_defined" and u.toks[s[j + 1]].orig == "(":
+            arg = u.toks[s[j + 2]]
+            if arg.orig in index:
+                t.text = "__msim_function_constant_defined"
+                arg.text = index[arg.orig]
+        elif t.orig in subst and prev not in (".", "->", "::"):
+            t.text = subst[t.orig]
 
 
 def _rewrite_threadgroup_vars(u: _Unit, kinds: list[str]) -> None:
@@ -668,7 +758,7 @@ struct __msim_id {
 
 
 def _signature(kern: Kernel) -> str:
-    return ";".join(f"{p.kind}|{p.index}|{p.space}|{p.type}|{p.name}" for p in kern.params)
+    return ";".join(f"{p.kind}|{p.index}|{p.space}|{p.type}|{p.name}|{p.cond}" for p in kern.params)
 
 
 def _emit_trampolines(kernels: list[Kernel]) -> str:
@@ -718,7 +808,9 @@ def generate(preprocessed: str, shim_dirs: tuple[str, ...]) -> tuple[str, list[K
             if name in UNSUPPORTED_ATTRS:
                 raise _err(tok, f"msim does not support {UNSUPPORTED_ATTRS[name]}")
     kinds, paths = _scope_kinds(u, attr_at)
-    kernels = _find_kernels(u, attr_at, kinds, paths)
+    fc_index = _function_constants(u, attr_at, kinds, rewrite=False)
+    kernels = _find_kernels(u, attr_at, kinds, paths, fc_index)
+    _function_constants(u, attr_at, kinds, rewrite=True)
     _rewrite_threadgroup_vars(u, kinds)
     _rewrite_exprs(u)
     for start, (end, _) in attr_at.items():

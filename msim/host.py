@@ -29,6 +29,7 @@ class Param:
     space: str
     type: str
     name: str
+    cond: str = ""  # function constant index that makes the parameter exist
 
     @property
     def scalar(self) -> str:
@@ -106,6 +107,7 @@ _SIGS = {
     "msim_set_bytes": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_void_p, _C.c_size_t]),
     "msim_set_threadgroup_memory_length": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_size_t]),
     "msim_set_option": (_C.c_int, [_C.c_void_p, _C.c_char_p, _C.c_char_p]),
+    "msim_set_function_constant": (_C.c_int, [_C.c_void_p, _C.c_uint, _C.c_double]),
     "msim_dispatch_threadgroups": (
         _C.c_int,
         [_C.c_void_p, _C.POINTER(_C.c_uint), _C.POINTER(_C.c_uint)],
@@ -197,6 +199,9 @@ class Encoder:
     def set_threadgroup_memory_length(self, index: int, length: int) -> None:
         self._check(self._lib._dll.msim_set_threadgroup_memory_length(self._h, index, length))
 
+    def set_function_constant(self, index: int, value) -> None:
+        self._check(self._lib._dll.msim_set_function_constant(self._h, index, float(value)))
+
     def set_option(self, key: str, value) -> None:
         self._check(self._lib._dll.msim_set_option(self._h, key.encode(), str(value).encode()))
 
@@ -219,6 +224,8 @@ class Encoder:
         items = args.items() if isinstance(args, dict) else enumerate(args)
         params = {int(p.index): p for p in self.kernel.params if p.kind == "buffer"}
         for index, arg in items:
+            if arg is None:  # e.g. a [[function_constant]] buffer that is switched off
+                continue
             p = params.get(int(index))
             if p is None:
                 raise MetalError(f"kernel '{self.kernel.name}' has no [[buffer({index})]]")
@@ -280,10 +287,12 @@ class Library:
         threadgroups=None,
         threads=None,
         tg_mem=None,
+        constants=None,
         **options,
     ) -> None:
         """Bind `args` by buffer index and run: give `threadgroups` (dispatchThreadgroups) or
         `threads` (dispatchThreads). tg_mem: {index: bytes} for [[threadgroup(i)]] parameters.
+        constants: {index: value} for [[function_constant(index)]] (bool, int or float).
         options: lane_order, tg_order, seed, workers, guard, uninit_check, tg_mem_limit, ..."""
         if name not in self.kernels:
             raise MetalError(f"no kernel with host name '{name}' in {self.path.name}")
@@ -294,6 +303,8 @@ class Library:
         enc.bind(args)
         for index, length in (tg_mem or {}).items():
             enc.set_threadgroup_memory_length(int(index), int(length))
+        for index, value in (constants or {}).items():
+            enc.set_function_constant(int(index), value)
         for key, value in options.items():
             enc.set_option(key, value)
         if threadgroups is not None:

@@ -39,6 +39,9 @@ int msim_set_buffer(msim_encoder* enc, unsigned index, void* ptr, size_t byte_of
                     size_t byte_length);
 int msim_set_bytes(msim_encoder* enc, unsigned index, const void* data, size_t length);
 int msim_set_threadgroup_memory_length(msim_encoder* enc, unsigned index, size_t length);
+/* Function constant [[function_constant(index)]] for later dispatches (MTLFunctionConstantValues);
+ * bool, integer and float constants all take their value as a double. */
+int msim_set_function_constant(msim_encoder* enc, unsigned index, double value);
 /* Options (defaults come from MSIM_* environment variables): lane_order and tg_order
  * (forward|reverse|random), seed, workers, guard (1: copy buffers next to guard pages),
  * uninit_check (1: rerun with a second poison pattern and compare), order_check (1: rerun with
@@ -78,6 +81,7 @@ typedef struct msim_api {
   int (*set_buffer)(msim_encoder*, unsigned, void*, size_t, size_t);
   int (*set_bytes)(msim_encoder*, unsigned, const void*, size_t);
   int (*set_threadgroup_memory_length)(msim_encoder*, unsigned, size_t);
+  int (*set_function_constant)(msim_encoder*, unsigned, double);
   int (*set_option)(msim_encoder*, const char*, const char*);
   int (*dispatch_threadgroups)(msim_encoder*, const unsigned*, const unsigned*);
   int (*dispatch_threads)(msim_encoder*, const unsigned*, const unsigned*);
@@ -108,6 +112,7 @@ static inline int msim_api_open(const char* path, msim_api* api, char* err, size
   MSIM_SYM(set_buffer, "msim_set_buffer")
   MSIM_SYM(set_bytes, "msim_set_bytes")
   MSIM_SYM(set_threadgroup_memory_length, "msim_set_threadgroup_memory_length")
+  MSIM_SYM(set_function_constant, "msim_set_function_constant")
   MSIM_SYM(set_option, "msim_set_option")
   MSIM_SYM(dispatch_threadgroups, "msim_dispatch_threadgroups")
   MSIM_SYM(dispatch_threads, "msim_dispatch_threads")

@@ -37,7 +37,9 @@ typedef void (*__msim_trampoline)(const __msim_launch*, const __msim_ids*);
 typedef struct __msim_kernel_desc {
   const char* host_name;
   __msim_trampoline entry;
-  const char* signature;  // "kind|index|address space|type|name" per parameter, ';'-separated
+  // "kind|index|address space|type|name|condition" per parameter, ';'-separated; condition is
+  // the function constant index that makes the parameter exist, or empty.
+  const char* signature;
   const char* file;
   int line;
   unsigned max_total_threads;  // [[max_total_threads_per_threadgroup]] or 0
@@ -57,6 +59,9 @@ void __msim_threadgroup_barrier(const char* file, int line);
 __msim_xchg __msim_simd_exchange(const void* value, unsigned nbytes, const char* file, int line);
 void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const char* file, int line);
 void __msim_fatal(const char* what, const char* file, int line);
+// Value of function constant `index` for the running dispatch (reports an error if unset).
+double __msim_function_constant(unsigned index, const char* file, int line);
+int __msim_function_constant_defined(unsigned index);
 
 #ifdef __cplusplus
 }

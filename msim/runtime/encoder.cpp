@@ -11,6 +11,7 @@ struct msim_encoder {
   const KernelInfo* kernel = nullptr;
   Binding buffers[MSIM_MAX_BINDINGS];
   size_t tg_len[MSIM_MAX_BINDINGS] = {};
+  std::vector<std::pair<unsigned, double>> constants;  // function constant values
 };
 
 namespace {
@@ -43,6 +44,12 @@ int prepare(msim_encoder* e, Dispatch& d, std::vector<int>& used) {
   size_t tg_total = 0;
   for (const auto& p : k->params) {
     int idx = p.kind == "id" ? -1 : std::stoi(p.index);
+    if (!p.cond.empty()) {  // [[function_constant(c)]] parameter: exists only when c is true
+      bool present = false;
+      for (const auto& kv : e->constants)
+        if (kv.first == (unsigned)std::stoul(p.cond)) present = kv.second != 0;
+      if (!present) continue;
+    }
     if (p.kind == "buffer") {
       if (!e->buffers[idx].bound)
         return fail(format("msim: kernel '%s' parameter '%s' [[buffer(%d)]] is not bound", name,
@@ -107,6 +114,7 @@ int dispatch(msim_encoder* e, const unsigned grid[3], const unsigned tg[3], bool
     }
   }
   d.kernel = e->kernel;
+  d.constants = e->constants;
   std::vector<int> used;
   if (prepare(e, d, used)) return -1;
   note_dispatched(d.kernel->desc->host_name);
@@ -184,6 +192,17 @@ MSIM_EXPORT int msim_set_bytes(msim_encoder* e, unsigned index, const void* data
 MSIM_EXPORT int msim_set_threadgroup_memory_length(msim_encoder* e, unsigned index, size_t length) {
   if (!e || check_index(index, "threadgroup")) return -1;
   e->tg_len[index] = length;
+  return 0;
+}
+
+MSIM_EXPORT int msim_set_function_constant(msim_encoder* e, unsigned index, double value) {
+  if (!e) return fail("msim: null encoder");
+  for (auto& kv : e->constants)
+    if (kv.first == index) {
+      kv.second = value;
+      return 0;
+    }
+  e->constants.emplace_back(index, value);
   return 0;
 }
 

@@ -17,7 +17,7 @@ constexpr unsigned kSimdWidth = 32;
 
 // One parsed kernel parameter (from the generator's signature string).
 struct ParamInfo {
-  std::string kind, index, space, type, name;
+  std::string kind, index, space, type, name, cond;
 };
 
 struct KernelInfo {
@@ -71,7 +71,8 @@ struct Dispatch {
   unsigned groups[3] = {1, 1, 1};
   unsigned grid_threads[3] = {1, 1, 1};  // total threads (edge groups may be partial)
   unsigned char poison = 0xFF;
-  std::vector<uint32_t> tg_sequence;  // linear threadgroup ids in execution order
+  std::vector<uint32_t> tg_sequence;                   // linear threadgroup ids in execution order
+  std::vector<std::pair<unsigned, double>> constants;  // function constant values
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex error_mu;

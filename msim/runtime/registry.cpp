@@ -82,8 +82,8 @@ void __msim_register(const __msim_kernel_desc* descs, int count) {
     for (const auto& p : split(descs[i].signature, ';')) {
       if (p.empty()) continue;
       auto f = split(p, '|');
-      f.resize(5);
-      info.params.push_back({f[0], f[1], f[2], f[3], f[4]});
+      f.resize(6);
+      info.params.push_back({f[0], f[1], f[2], f[3], f[4], f[5]});
     }
     for (const auto& k : registry())
       if (std::string(k.desc->host_name) == descs[i].host_name)

@@ -394,6 +394,26 @@ void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const ch
   return p;
 }
 
+double __msim_function_constant(unsigned index, const char* file, int line) {
+  Worker* w = current_worker();
+  if (!w || !w->in_lane) __builtin_trap();  // only kernels read function constants
+  for (const auto& kv : w->d->constants)
+    if (kv.first == index) return kv.second;
+  w->d->report(
+      format("msim: function constant %u used at %s:%d in kernel '%s' has no value "
+             "(set it on the encoder, as MTLFunctionConstantValues would)",
+             index, file, line, w->d->kernel->desc->host_name));
+  abandon_lane(w);
+}
+
+int __msim_function_constant_defined(unsigned index) {
+  Worker* w = current_worker();
+  if (!w || !w->in_lane) __builtin_trap();
+  for (const auto& kv : w->d->constants)
+    if (kv.first == index) return 1;
+  return 0;
+}
+
 void __msim_fatal(const char* what, const char* file, int line) {
   Worker* w = current_worker();
   if (!w || !w->in_lane) __builtin_trap();

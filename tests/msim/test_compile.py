@@ -102,10 +102,10 @@ def test_compile_errors_point_at_the_metal_line(tmp_path):
         ),
         (
             (
-                "constant bool has_bias [[function_constant(0)]];\n"
-                "kernel void k(device float* y [[buffer(0)]]) { y[0] = has_bias; }\n"
+                "kernel void k(texture2d<float> t [[texture(0)]],\n"
+                "              device float* y [[buffer(0)]]) {}\n"
             ),
-            "msim does not support function constants",
+            r"k\.metal:3: error: msim does not support textures",
         ),
         (
             (

@@ -188,3 +188,25 @@ def test_buffer_offsets_and_lengths(lib):
     )
     np.testing.assert_allclose(y[20:30], x[10:20] / (1 + np.exp(-x[10:20])), rtol=1e-6)
     assert not y[:20].any() and not y[30:].any()
+
+
+def test_function_constants_values_optional_buffers_and_derived(lib):
+    x = np.arange(8, dtype=np.float32)
+    y = np.zeros(8, np.float32)
+    bias = np.full(8, 10.0, np.float32)
+    lib.dispatch("affine", [x, y, bias], (8,), threads=(8,), constants={0: True, 1: 2.0})
+    np.testing.assert_array_equal(y, 2 * x + 10)
+    lib.dispatch("affine", [x, y], (8,), threads=(8,), constants={0: False, 1: 3.0})
+    np.testing.assert_array_equal(y, 3 * x)  # buffer(2) does not exist when has_bias is false
+    with pytest.raises(msim.MetalError, match=r"'bias' \[\[buffer\(2\)\]\] is not bound"):
+        lib.dispatch("affine", [x, y], (8,), threads=(8,), constants={0: True, 1: 1.0})
+    with pytest.raises(msim.MetalError, match=r"function constant 1 used at .*features\.metal:\d+"):
+        lib.dispatch("affine", [x, y], (8,), threads=(8,), constants={0: False})
+
+
+def test_simdgroup_matrix_thread_elements_lane_layout(lib):
+    coords = np.zeros((8, 8), np.float32)
+    out = np.zeros((8, 8), np.float32)
+    lib.dispatch("fragment_layout", [coords, out], (32,), threadgroups=(1,))
+    np.testing.assert_array_equal(coords, np.arange(64).reshape(8, 8))
+    np.testing.assert_array_equal(out, 2 * np.arange(64).reshape(8, 8))
