@@ -47,10 +47,10 @@ def _cmd_list(args) -> int:
     return 0
 
 
-def _random_args(lib: Library, name: str, n: int, sets: dict[int, str], rng) -> list:
+def _random_args(lib: Library, name: str, n: int, sets: dict[int, str], rng, constants) -> dict:
     args = {}
     for p in lib.kernels[name].params:
-        if p.kind != "buffer":
+        if p.kind != "buffer" or (p.cond and not constants.get(int(p.cond))):
             continue
         idx = int(p.index)
         base = p.type.replace("*", " ").replace("&", " ").split()[-1]
@@ -81,12 +81,15 @@ def _cmd_run(args) -> int:
         ).returncode
     lib = Library(lib_path)
     sets = dict(s.split("=", 1) for s in args.set)
+    tg_mem = {int(k): int(v) for k, v in (s.split("=", 1) for s in args.tg_mem)}
+    constants = {int(k): float(v) for k, v in (s.split("=", 1) for s in args.fc)}
     buffers = _random_args(
         lib,
         args.kernel,
         args.n,
         {int(k): v for k, v in sets.items()},
         np.random.default_rng(args.seed),
+        constants,
     )
     grid = (
         {"threads": _dims(args.threads)}
@@ -94,7 +97,15 @@ def _cmd_run(args) -> int:
         else {"threadgroups": _dims(args.threadgroups or "1")}
     )
     t0 = time.perf_counter()
-    lib.dispatch(args.kernel, buffers, _dims(args.tg), lane_order=args.lane_order, **grid)
+    lib.dispatch(
+        args.kernel,
+        buffers,
+        _dims(args.tg),
+        lane_order=args.lane_order,
+        tg_mem=tg_mem,
+        constants=constants,
+        **grid,
+    )
     dt = time.perf_counter() - t0
     print(f"msim run: {args.kernel} ok in {dt * 1e3:.1f} ms")
     for idx, buf in sorted(buffers.items()):
@@ -145,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--tg", default="64", help="threads per threadgroup, e.g. 256 or 16,16")
     p.add_argument("--n", type=int, default=1024, help="elements per buffer")
     p.add_argument("--set", action="append", default=[], help="INDEX=VALUE for a constant")
+    p.add_argument("--tg-mem", action="append", default=[], help="INDEX=BYTES for [[threadgroup]]")
+    p.add_argument("--fc", action="append", default=[], help="INDEX=VALUE function constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lane-order", default="forward", choices=["forward", "reverse", "random"])
     p.add_argument(
