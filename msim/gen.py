@@ -41,13 +41,13 @@ ID_ATTRS = {
     "thread_execution_width": ("threads_per_simdgroup", 1),
     "simdgroups_per_threadgroup": ("simdgroups_per_threadgroup", 1),
     "dispatch_simdgroups_per_threadgroup": ("simdgroups_per_threadgroup", 1),
+    "thread_index_in_quadgroup": ("thread_index_in_quadgroup", 1),
+    "quadgroup_index_in_threadgroup": ("quadgroup_index_in_threadgroup", 1),
 }
 UNSUPPORTED_ATTRS = {
     "stage_in": "stage_in inputs",
     "texture": "textures",
     "sampler": "samplers",
-    "quadgroup_index_in_threadgroup": "quad-group ids",
-    "thread_index_in_quadgroup": "quad-group ids",
     "grid_origin": "grid_origin",
 }
 

@@ -23,6 +23,8 @@ typedef struct __msim_ids {
   unsigned simdgroup_index_in_threadgroup;
   unsigned threads_per_simdgroup;
   unsigned simdgroups_per_threadgroup;
+  unsigned thread_index_in_quadgroup;
+  unsigned quadgroup_index_in_threadgroup;
 } __msim_ids;
 
 // Arguments bound for one dispatch: [[buffer(i)]] and [[threadgroup(i)]] base pointers.

@@ -220,6 +220,8 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
     id.simdgroup_index_in_threadgroup = i / kSimdWidth;
     id.threads_per_simdgroup = std::min(kSimdWidth, n_lanes - (i / kSimdWidth) * kSimdWidth);
     id.simdgroups_per_threadgroup = n_simd;
+    id.thread_index_in_quadgroup = i % 4;
+    id.quadgroup_index_in_threadgroup = i / 4;
     l.state = LaneState::kRunnable;
     l.file = nullptr;
     l.line = 0;

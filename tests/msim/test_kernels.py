@@ -210,3 +210,26 @@ def test_simdgroup_matrix_thread_elements_lane_layout(lib):
     lib.dispatch("fragment_layout", [coords, out], (32,), threadgroups=(1,))
     np.testing.assert_array_equal(coords, np.arange(64).reshape(8, 8))
     np.testing.assert_array_equal(out, 2 * np.arange(64).reshape(8, 8))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("rows,cols,tpg", [(3, 7, 32), (4, 1000, 128), (2, 4099, 256)])
+def test_mlx_style_looped_softmax(lib, dtype, rows, cols, tpg):
+    x = (torch.randn(rows, cols) * 4).to(getattr(torch, dtype))
+    y = torch.empty_like(x)
+    lib.dispatch(f"softmax_looped_{dtype}", [x, y, np.int32(cols)], (tpg,), threadgroups=(rows,))
+    ref = torch.softmax(x.float(), -1)
+    tol = {"float32": 1e-6, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
+    torch.testing.assert_close(y.float(), ref, rtol=tol * 10, atol=tol)
+
+
+def test_quad_group_functions(lib):
+    x = RNG.integers(-9, 10, 64).astype(np.int32)
+    out = np.zeros((64, 5), np.int32)
+    lib.dispatch("quad_ops", [x, out], (64,), threads=(64,))
+    quads = x.reshape(-1, 4)
+    np.testing.assert_array_equal(out[:, 0], np.repeat(quads.sum(1), 4))
+    np.testing.assert_array_equal(out[:, 1], quads[:, [1, 0, 3, 2]].reshape(-1))
+    np.testing.assert_array_equal(out[:, 2], np.repeat(quads[:, 3], 4))
+    np.testing.assert_array_equal(out[:, 3], (np.cumsum(quads, 1) - quads).reshape(-1))
+    np.testing.assert_array_equal(out[:, 4], np.tile(np.arange(4), 16))

@@ -45,3 +45,15 @@ kernel void compact(device const float* x [[buffer(0)]], device float* out [[buf
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (keep) out[base + sg_offset[sg] + rank] = x[gid];
 }
+
+// Quad-group functions over groups of four lanes.
+kernel void quad_ops(device const int* x [[buffer(0)]], device int* out [[buffer(1)]],
+                     uint gid [[thread_position_in_grid]], uint q [[thread_index_in_quadgroup]]) {
+  int v = x[gid];
+  device int* o = out + gid * 5;
+  o[0] = quad_sum(v);
+  o[1] = quad_shuffle_xor(v, 1);
+  o[2] = quad_broadcast(v, 3);
+  o[3] = quad_prefix_exclusive_sum(v);
+  o[4] = int(q);
+}
