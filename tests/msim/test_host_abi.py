@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import KERNELS, REPO_ROOT
 
+import msim
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -81,7 +83,8 @@ def test_coverage_cli_fails_on_undispatched_kernels(tmp_path, lib):
     )
     assert out.returncode == 1
     assert "kernel 'silu_half' was never dispatched" in out.stdout
-    cov.write_text("silu_float\nsilu_half\nsilu_bfloat\nsilu_vec4\nvector_features\n")
+    every = msim.load([KERNELS / "elementwise.metal"]).kernels
+    cov.write_text("\n".join(every) + "\n")
     out = subprocess.run(
         [sys.executable, "-m", "msim", "coverage", str(KERNELS / "elementwise.metal"), str(cov)],
         env=env,

@@ -233,3 +233,13 @@ def test_quad_group_functions(lib):
     np.testing.assert_array_equal(out[:, 2], np.repeat(quads[:, 3], 4))
     np.testing.assert_array_equal(out[:, 3], (np.cumsum(quads, 1) - quads).reshape(-1))
     np.testing.assert_array_equal(out[:, 4], np.tile(np.arange(4), 16))
+
+
+def test_matrix_types(lib):
+    cols = RNG.standard_normal((4, 4)).astype(np.float32)  # cols[c] is column c
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    y = np.zeros((3, 4), np.float32)
+    lib.dispatch("matrix_types", [cols, x, y], (3,), threads=(3,))
+    m = cols.T  # as a row-major numpy matrix
+    ref = (m.T @ (m @ x.T)).T + cols[1] + np.array([0, 0, 2, 0], np.float32)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)

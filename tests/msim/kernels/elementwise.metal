@@ -40,3 +40,13 @@ kernel void vector_features(device const half4* h [[buffer(0)]], device float4* 
   out[gid * 2 + 1] = s + float4(f.wzyx.x, 1.0f, 2.0h, 3);
   iout[gid] = int4(f) + int4(clamp(f, -1.0f, 1.0f) * 10.0f);
 }
+
+// Column-major matrix types: y = transpose(M) * (M * x) + M[1] with M built from columns.
+kernel void matrix_types(device const float4* cols [[buffer(0)]],
+                         device const float4* x [[buffer(1)]], device float4* y [[buffer(2)]],
+                         uint i [[thread_position_in_grid]]) {
+  float4x4 m = float4x4(cols[0], cols[1], cols[2], cols[3]);
+  half4x4 h = half4x4(half(2.0f));
+  float4 v = m * x[i];
+  y[i] = transpose(m) * v + m[1] + float4(h[2]);
+}
