@@ -159,16 +159,20 @@ def _compile_kernels(metal: Path, include_dirs, mode: str, defines) -> Path | No
     out_dir = build_root() / "obj"
     out_dir.mkdir(parents=True, exist_ok=True)
     src = out_dir / f"{metal.stem}-{mode}-{key}.cpp"
-    obj = src.with_suffix(".o")
-    if mode != "strict" and obj.exists():
-        return obj
-    src.write_text(src_text)
+    obj = src.with_suffix(".ok" if mode == "strict" else ".o")  # strict: a stamp, no object
+    if obj.exists():
+        return None if mode == "strict" else obj
+    # Write-then-rename everywhere: parallel test processes may build the same file.
+    src_tmp = src.with_name(src.name + f".tmp{os.getpid()}")
+    src_tmp.write_text(src_text)
+    src_tmp.rename(src)
     tmp = obj.with_name(obj.name + f".tmp{os.getpid()}")
     try:
         _run(_kernel_cmd(src, mode, tmp))
     except BuildError as e:
         raise BuildError(f"{_display_path(metal)}: msim compile failed:\n{e}") from None
     if mode == "strict":
+        obj.touch()
         return None
     tmp.rename(obj)
     return obj

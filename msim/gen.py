@@ -298,7 +298,7 @@ def _split_top(u: _Unit, lo: int, hi: int, attr_at: dict) -> list[list[int]]:
     return [p for p in parts if p]
 
 
-def _parse_param(u: _Unit, pos: list[int], attr_at: dict, kernel: str) -> tuple:
+def _parse_param(u: _Unit, pos: list[int], attr_at: dict) -> tuple:
     """(attrs, type tokens, name, passing, address space) of one kernel parameter."""
     attrs = []
     plain: list[int] = []
@@ -372,6 +372,7 @@ def _find_kernels(
 
 
 def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | None:
+    """The kernel declared by sig positions [lo, hi) (hi is its ';' or '{'), if dispatchable."""
     s = u.sig
     texts = [u.toks[s[j]].text for j in range(lo, hi)]
     if not texts:
@@ -385,7 +386,6 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
     outer_attrs: list = []
     has_kernel_kw = False
     paren = None
-    name_end = None
     while k < hi:
         if k in attr_at:
             outer_attrs.extend(attr_at[k][1])
@@ -431,11 +431,11 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
     close = _match_close(u, paren, "(", ")")
     params = []
     for part in _split_top(u, paren + 1, close, attr_at):
-        params.append(_parse_param(u, part, attr_at, name))
+        params.append(_parse_param(u, part, attr_at))
     if is_template_def:
         templates[qual] = params
         return None
-    if texts[-1] != "{" and not is_inst and u.toks[s[hi]].text != "{":
+    if not is_inst and u.toks[s[hi]].text != "{":
         return None  # a prototype; the definition carries the kernel
     host = name
     max_threads = 0
