@@ -16,12 +16,21 @@ import msim
 HAVE_CLANG = bool(shutil.which("clang++-19") or shutil.which("clang++"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "msim: runs Metal kernels under msim (needs clang-19)")
+    config.addinivalue_line("markers", "msim_race: msim race mode (ThreadSanitizer child process)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAVE_CLANG:
-        return
     skip = pytest.mark.skip(reason="msim needs clang-19 (apt-get install clang-19)")
     for item in items:
-        if "tests/msim" in str(item.fspath).replace("\\", "/"):
+        path = str(item.fspath).replace("\\", "/")
+        if "tests/msim/" not in path:
+            continue
+        item.add_marker(pytest.mark.msim)
+        if path.endswith("test_race.py"):
+            item.add_marker(pytest.mark.msim_race)
+        if not HAVE_CLANG:
             item.add_marker(skip)
 
 
