@@ -127,6 +127,10 @@ def test_out_of_bounds_write_inside_the_last_granule(bugs):
     y = np.zeros(1000, np.float32)  # 4000 bytes: the write hits the guard page directly
     with pytest.raises(msim.MetalError, match=r"out-of-bounds access to buffer\(0\) 'y'"):
         bugs.dispatch("tail_write_bug", [y, 1000], (64,), threads=(1001,))
+    for n in (1000, 1001):
+        y = np.zeros(n, np.float32)
+        bugs.dispatch("tail_write_fixed", [y, n], (64,), threads=(n + 1,))
+        np.testing.assert_array_equal(y, np.ones(n))
 
 
 def test_bound_range_is_the_buffer_extent(bugs):
@@ -195,6 +199,8 @@ def test_spin_wait_deadlock_is_interrupted(bugs):
     y = np.zeros(2, np.uint32)
     with pytest.raises(msim.MetalError, match=r"'spin_wait_bug' still running after 1 s"):
         bugs.dispatch("spin_wait_bug", [y], (2,), threadgroups=(1,), timeout=1)
+    bugs.dispatch("spin_wait_fixed", [y], (2,), threadgroups=(1,), timeout=1)
+    np.testing.assert_array_equal(y, [1, 2])
     z = np.zeros(4, np.float32)
     bugs.dispatch("capped", [z], (4,), threads=(4,))  # the library is still usable
     np.testing.assert_array_equal(z, np.arange(4))

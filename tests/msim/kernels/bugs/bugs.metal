@@ -108,6 +108,10 @@ kernel void tail_write_bug(device float* y [[buffer(0)]], constant uint& n [[buf
                            uint gid [[thread_position_in_grid]]) {
   if (gid <= n) y[gid] = 1.0f;
 }
+kernel void tail_write_fixed(device float* y [[buffer(0)]], constant uint& n [[buffer(1)]],
+                             uint gid [[thread_position_in_grid]]) {
+  if (gid < n) y[gid] = 1.0f;
+}
 
 // Per-thread array too large for a simulated thread's stack.
 kernel void stack_overflow_bug(device float* y [[buffer(0)]], constant uint& n [[buffer(1)]],
@@ -187,4 +191,11 @@ kernel void spin_wait_bug(device uint* y [[buffer(0)]], uint tid [[thread_index_
     while (atomic_load_explicit(&flag, memory_order_relaxed) != 1u) {
     }
   y[tid] = tid;
+}
+kernel void spin_wait_fixed(device uint* y [[buffer(0)]],
+                            uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup atomic_uint flag;
+  if (tid == 1) atomic_store_explicit(&flag, 1u, memory_order_relaxed);
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // wait for the writer instead of spinning
+  y[tid] = atomic_load_explicit(&flag, memory_order_relaxed) + tid;
 }
