@@ -20,7 +20,7 @@ struct FaultInfo {
   uintptr_t addr, pc;
 };
 __attribute__((tls_model("initial-exec"))) thread_local FaultInfo tls_fault;
-struct sigaction old_segv, old_bus, old_fpe;
+[[maybe_unused]] struct sigaction old_segv, old_bus, old_fpe;
 
 // Leaves a lane interrupted by the watchdog (the report is already filed).
 [[noreturn]] void timeout_exit() { abandon_lane(current_worker()); }
@@ -61,7 +61,7 @@ std::string describe_address(Worker* w, uintptr_t addr) {
 }
 
 // Runs on the faulting fiber's stack (outside the signal handler), so it may allocate and lock.
-[[noreturn]] void fault_exit() {
+[[noreturn, maybe_unused]] void fault_exit() {
   Worker* w = current_worker();
   const FaultInfo f = tls_fault;
   std::string what;
@@ -75,7 +75,7 @@ std::string describe_address(Worker* w, uintptr_t addr) {
   abandon_lane(w);
 }
 
-void on_fault(int sig, siginfo_t* si, void* uc_void) {
+[[maybe_unused]] void on_fault(int sig, siginfo_t* si, void* uc_void) {
   Worker* w = current_worker();
   if (!w || !w->in_lane) {  // not ours: hand to whoever was installed before
     struct sigaction* old = sig == SIGSEGV ? &old_segv : sig == SIGBUS ? &old_bus : &old_fpe;
@@ -112,7 +112,7 @@ void install_fault_handlers() {
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     sigaction(timeout_signal(), &sa, nullptr);
-#ifndef MSIM_TSAN
+#ifndef MSIM_TSAN  // race mode leaves faults to ThreadSanitizer's own reporting
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;

@@ -19,12 +19,6 @@ size_t page_size() {
   return p;
 }
 
-void switch_to_scheduler(Worker* w) {
-  tsan_switch(w->tsan_main);
-  ctx::transfer_t t = ctx::jump_fcontext(w->sched, nullptr);
-  w->sched = t.fctx;
-}
-
 void lane_main(ctx::transfer_t t) {
   Worker* w = static_cast<Worker*>(t.data);
   w->sched = t.fctx;
@@ -45,6 +39,21 @@ uint64_t splitmix(uint64_t& s) {
   return z ^ (z >> 31);
 }
 
+std::string site(const Lane& l) { return format("%s:%d", l.file ? l.file : "?", l.line); }
+
+bool same_site(const Lane& a, const Lane& b) {
+  if (a.line != b.line || !a.file || !b.file) return a.line == b.line && a.file == b.file;
+  return a.file == b.file || strcmp(a.file, b.file) == 0;
+}
+
+}  // namespace
+
+void switch_to_scheduler(Worker* w) {
+  tsan_switch(w->tsan_main);
+  ctx::transfer_t t = ctx::jump_fcontext(w->sched, nullptr);
+  w->sched = t.fctx;
+}
+
 // Runtime bookkeeping writes. In race mode they must stay invisible to TSan: memset/memcpy are
 // intercepted even from uninstrumented code and would be attributed to whichever fiber runs.
 void poison_fill(void* p, unsigned char byte, size_t n) {
@@ -55,6 +64,7 @@ void poison_fill(void* p, unsigned char byte, size_t n) {
     memset(p, byte, n);
   }
 }
+
 void quiet_copy(void* dst, const void* src, size_t n) {
   if (kTsan) {
     volatile unsigned char* d = static_cast<unsigned char*>(dst);
@@ -64,15 +74,6 @@ void quiet_copy(void* dst, const void* src, size_t n) {
     memcpy(dst, src, n);
   }
 }
-
-std::string site(const Lane& l) { return format("%s:%d", l.file ? l.file : "?", l.line); }
-
-bool same_site(const Lane& a, const Lane& b) {
-  if (a.line != b.line || !a.file || !b.file) return a.line == b.line && a.file == b.file;
-  return a.file == b.file || strcmp(a.file, b.file) == 0;
-}
-
-}  // namespace
 
 Worker* current_worker() { return tls_worker; }
 void set_current_worker(Worker* w) { tls_worker = w; }
@@ -336,92 +337,3 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
 }
 
 }  // namespace msim
-
-using namespace msim;
-
-extern "C" {
-
-const __msim_ids* __msim_current_ids(void) {
-  Worker* w = current_worker();
-  return w && w->current ? &w->current->ids : nullptr;
-}
-
-void __msim_threadgroup_barrier(const char* file, int line) {
-  Worker* w = current_worker();
-  Lane* l = w->current;
-  l->state = LaneState::kBarrier;
-  l->file = file;
-  l->line = line;
-  void* token = &w->barrier_sync[w->barrier_gen & 1];
-  tsan_release(token);
-  switch_to_scheduler(w);
-  tsan_acquire(token);
-}
-
-__msim_xchg __msim_simd_exchange(const void* value, unsigned nbytes, const char* file, int line) {
-  Worker* w = current_worker();
-  Lane* l = w->current;
-  const unsigned i = l->ids.thread_index_in_threadgroup;
-  if (nbytes) quiet_copy(&w->slots[(size_t)i * MSIM_XCHG_SLOT], value, nbytes);
-  l->state = LaneState::kSimd;
-  l->file = file;
-  l->line = line;
-  const unsigned sg = i / kSimdWidth;
-  void* token = &w->simd_sync[sg * 2 + (w->simd_gen[sg] & 1)];
-  tsan_release(token);
-  switch_to_scheduler(w);
-  tsan_acquire(token);
-  return l->result;
-}
-
-void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const char* file,
-                    int line) {
-  Worker* w = current_worker();
-  for (auto& kv : w->tg_vars)
-    if (kv.first == key) return kv.second;
-  align = align < 16 ? 16 : align;
-  size_t off = (w->arena_used + align - 1) & ~(size_t)(align - 1);
-  if (off + size > w->d->opt.tg_mem_limit) {
-    w->d->report(format(
-        "msim: threadgroup memory limit exceeded in kernel '%s' at %s:%d: %zu "
-        "bytes needed (threadgroup variables + [[threadgroup(i)]] lengths) > "
-        "%zu bytes",
-        w->d->kernel->desc->host_name, file, line, off + (size_t)size, w->d->opt.tg_mem_limit));
-    abandon_lane(w);
-  }
-  void* p = w->arena + off;
-  poison_fill(p, w->d->poison, size);
-  w->arena_used = off + size;
-  w->tg_vars.emplace_back(key, p);
-  return p;
-}
-
-double __msim_function_constant(unsigned index, const char* file, int line) {
-  Worker* w = current_worker();
-  if (!w || !w->in_lane) __builtin_trap();  // only kernels read function constants
-  for (const auto& kv : w->d->constants)
-    if (kv.first == index) return kv.second;
-  w->d->report(
-      format("msim: function constant %u used at %s:%d in kernel '%s' has no value "
-             "(set it on the encoder, as MTLFunctionConstantValues would)",
-             index, file, line, w->d->kernel->desc->host_name));
-  abandon_lane(w);
-}
-
-int __msim_function_constant_defined(unsigned index) {
-  Worker* w = current_worker();
-  if (!w || !w->in_lane) __builtin_trap();
-  for (const auto& kv : w->d->constants)
-    if (kv.first == index) return 1;
-  return 0;
-}
-
-void __msim_fatal(const char* what, const char* file, int line) {
-  Worker* w = current_worker();
-  if (!w || !w->in_lane) __builtin_trap();
-  w->d->report(
-      format("msim: %s at %s:%d (%s)", what, file, line, thread_desc(w->current->ids).c_str()));
-  abandon_lane(w);
-}
-
-}  // extern "C"

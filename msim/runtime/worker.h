@@ -64,6 +64,11 @@ Worker* current_worker();
 void set_current_worker(Worker* w);
 void install_fault_handlers();
 int timeout_signal();  // sent by the watchdog to interrupt a lane that never yields
+// Suspends the running lane and returns to its threadgroup's scheduler.
+void switch_to_scheduler(Worker* w);
+// Bookkeeping copies and fills that ThreadSanitizer must not attribute to a lane.
+void poison_fill(void* p, unsigned char byte, size_t n);
+void quiet_copy(void* dst, const void* src, size_t n);
 // Leaves the running lane for good after a detector fired (never returns).
 [[noreturn]] void abandon_lane(Worker* w);
 std::string thread_desc(const __msim_ids& ids);
