@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -75,7 +76,11 @@ def _cmd_run(args) -> int:
     lib_path = B.build([args.file], args.include, mode=mode, defines=args.define)
     if args.race and os.environ.get(_RACE_ENV) != "1":
         env = dict(os.environ, LD_PRELOAD=B.tsan_runtime(), **{_RACE_ENV: "1"})
-        env.setdefault("TSAN_OPTIONS", "exitcode=66")
+        symbolizer = shutil.which("llvm-symbolizer-19")
+        env.setdefault(
+            "TSAN_OPTIONS",
+            "exitcode=66" + (f" external_symbolizer_path={symbolizer}" if symbolizer else ""),
+        )
         return subprocess.run(
             [sys.executable, "-m", "msim", *sys.argv[1:]], env=env, check=False
         ).returncode

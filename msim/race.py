@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,11 @@ def race_check(
         np.savez(inp, **arrays)
         (Path(tmp) / "spec.json").write_text(json.dumps(spec, default=int))
         env = dict(os.environ, LD_PRELOAD=tsan_runtime())
-        env.setdefault("TSAN_OPTIONS", "halt_on_error=0 report_signal_unsafe=0")
+        opts = "halt_on_error=0 report_signal_unsafe=0"
+        symbolizer = shutil.which("llvm-symbolizer-19")  # reports name .metal lines through it
+        if symbolizer:
+            opts += f" external_symbolizer_path={symbolizer}"
+        env.setdefault("TSAN_OPTIONS", opts)
         proc = subprocess.run(
             [sys.executable, "-m", "msim.race", tmp],
             env=env,
