@@ -183,7 +183,8 @@ def _input_key(metal_files, include_dirs, mode, defines) -> str:
     for m in metal_files:
         parts += [_display_path(m), m.read_bytes()]
     parts += _tree_bytes(*include_dirs, INCLUDE_DIR, RUNTIME_DIR)
-    parts += [(MSIM_DIR / "gen.py").read_bytes(), Path(__file__).read_bytes()]
+    generator = [MSIM_DIR / "gen.py", *sorted(MSIM_DIR.glob("msl_*.py")), Path(__file__)]
+    parts += [f.read_bytes() for f in generator]
     return _digest(*parts)
 
 
@@ -221,7 +222,7 @@ def build(metal_files, include_dirs=(), mode: str = "default", defines=()) -> Pa
 
 
 def check(metal_files, include_dirs=(), defines=()) -> list[str]:
-    """Strict-mode compile check; returns the files checked, raises BuildError on the first error."""
+    """Strict-mode compile check: returns the files checked; BuildError on the first failure."""
     files = _expand(metal_files)
     include_dirs = [Path(d).resolve() for d in include_dirs]
     for m in files:
