@@ -1,15 +1,9 @@
 """Shared fixtures for msim tests: the test-kernel library is built once per session (cached)."""
 
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-KERNELS = Path(__file__).resolve().parent / "kernels"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from msim_paths import KERNELS
 
 import msim
 

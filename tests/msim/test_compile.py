@@ -5,7 +5,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import KERNELS
+from msim_paths import KERNELS
 
 import msim
 

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import KERNELS
+from msim_paths import KERNELS
 
 import msim
 

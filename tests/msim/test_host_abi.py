@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KERNELS, REPO_ROOT
+from msim_paths import KERNELS, REPO_ROOT
 
 import msim
 

@@ -3,7 +3,7 @@ are reported with their .metal line; correct kernels that share threadgroup memo
 
 import numpy as np
 import pytest
-from conftest import KERNELS
+from msim_paths import KERNELS
 
 from msim.race import race_check
 
