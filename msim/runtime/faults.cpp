@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <signal.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -48,6 +49,16 @@ std::string describe_address(Worker* w, uintptr_t addr) {
         "out-of-bounds access to buffer(%d)%s (bound length %zu bytes): %zu bytes past "
         "its end",
         z.index, name.c_str(), (size_t)(z.data_hi - z.data_lo), (size_t)(addr - z.data_hi));
+  }
+  const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  for (size_t i = 0; i < w->tg_blocks.size(); ++i) {
+    const auto& b = w->tg_blocks[i];
+    uintptr_t guard = (uintptr_t)w->arena + i * w->slot_stride + w->slot_data;
+    if (addr < guard || addr >= guard + page) continue;
+    std::string what = b.file ? format("threadgroup variable declared at %s:%d", b.file, b.line)
+                              : format("[[threadgroup(%d)]] memory", b.index);
+    return format("out-of-bounds access to %s (%zu bytes): %zu bytes past its end", what.c_str(),
+                  (size_t)(b.hi - b.lo), (size_t)(addr - b.hi));
   }
   const Lane* l = w->current;
   uintptr_t stack_lo = (uintptr_t)l->stack_top - w->stack_stride;

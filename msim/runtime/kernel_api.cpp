@@ -57,8 +57,14 @@ void* __msim_tg_var(void* key, unsigned long size, unsigned long align, const ch
         w->d->kernel->desc->host_name, file, line, off + (size_t)size, w->d->opt.tg_mem_limit));
     abandon_lane(w);
   }
-  void* p = w->arena + off;
-  poison_fill(p, w->d->poison, size);
+  void* p = w->tg_alloc(size, align, file, line, -1);
+  if (!p) {
+    w->d->report(
+        format("msim: kernel '%s' declares more threadgroup variables than msim's %u "
+               "guarded slots (at %s:%d)",
+               w->d->kernel->desc->host_name, w->slot_count, file, line));
+    abandon_lane(w);
+  }
   w->arena_used = off + size;
   w->tg_vars.emplace_back(key, p);
   return p;

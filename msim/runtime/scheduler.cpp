@@ -163,14 +163,31 @@ void Worker::release_stacks() {
   stack_count = 0;
 }
 
-bool Worker::ensure_arena(size_t len) {
-  len = (len + page_size() - 1) & ~(page_size() - 1);
-  if (arena && arena_len >= len && !kTsan) return true;
+bool Worker::ensure_arena(size_t limit) {
+  constexpr unsigned kSlots = 32;  // threadgroup variables + dynamic blocks per kernel
+  const size_t data = (limit + 16 + page_size() - 1) & ~(page_size() - 1);
+  if (arena && slot_data == data && !kTsan) return true;
   if (arena) munmap(arena, arena_len);
-  void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  slot_data = data;
+  slot_stride = data + page_size();
+  slot_count = kSlots;
+  arena_len = slot_stride * kSlots;
+  void* m = mmap(nullptr, arena_len, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   arena = m == MAP_FAILED ? nullptr : static_cast<char*>(m);
-  arena_len = arena ? len : 0;
-  return arena != nullptr;
+  if (!arena) return false;
+  for (unsigned i = 0; i < kSlots; ++i)
+    mprotect(arena + i * slot_stride + slot_data, page_size(), PROT_NONE);
+  return true;
+}
+
+char* Worker::tg_alloc(size_t size, size_t align, const char* file, int line, int index) {
+  if (slots_used == slot_count) return nullptr;
+  char* end = arena + (size_t)slots_used++ * slot_stride + slot_data;
+  uintptr_t p = ((uintptr_t)end - size) & ~(uintptr_t)(align - 1);
+  tg_blocks.push_back({p, p + size, file, line, index});
+  poison_fill(reinterpret_cast<char*>(p), d->poison, size);
+  return reinterpret_cast<char*>(p);
 }
 
 void Worker::run_threadgroup(uint32_t linear_tg) {
@@ -183,7 +200,7 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
   n_lanes = sz[0] * sz[1] * sz[2];
   const unsigned n_simd = (n_lanes + kSimdWidth - 1) / kSimdWidth;
   ensure_stacks(n_lanes, D.opt.stack_size);
-  if (!stack_map || !ensure_arena(D.opt.tg_mem_limit + 64)) {
+  if (!stack_map || !ensure_arena(D.opt.tg_mem_limit)) {
     D.report("msim: out of memory for fiber stacks or threadgroup memory");
     return;
   }
@@ -196,11 +213,12 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
   // Threadgroup memory: [[threadgroup(i)]] blocks first, poisoned so unwritten reads show.
   quiet_copy(&launch, &D.launch, sizeof launch);
   arena_used = 0;
+  slots_used = 0;
   tg_vars.clear();
+  tg_blocks.clear();
   for (int i = 0; i < MSIM_MAX_BINDINGS; ++i) {
     if (!D.tg_dyn_len[i]) continue;
-    launch.threadgroup[i] = arena + arena_used;
-    poison_fill(arena + arena_used, D.poison, D.tg_dyn_len[i]);
+    launch.threadgroup[i] = tg_alloc(D.tg_dyn_len[i], 16, nullptr, 0, i);
     arena_used += (D.tg_dyn_len[i] + 15) & ~size_t(15);
   }
 

@@ -48,10 +48,20 @@ struct Worker {
   char* stack_map = nullptr;
   size_t stack_map_len = 0, stack_stride = 0, stack_count = 0, stack_size = 0;
 
-  // Threadgroup memory arena for the current threadgroup.
+  // Threadgroup memory: one slot per variable or [[threadgroup(i)]] block, each ending at a
+  // PROT_NONE page so indexing past the end faults; arena_used counts bytes against the limit.
+  struct TgBlock {
+    uintptr_t lo, hi;  // the block's bytes
+    const char* file;  // declaration of a threadgroup variable, or null
+    int line, index;   // index: the [[threadgroup(i)]] of a dynamic block, else -1
+  };
   char* arena = nullptr;
-  size_t arena_len = 0, arena_used = 0;
+  size_t arena_len = 0, arena_used = 0, slot_stride = 0, slot_data = 0;
+  unsigned slot_count = 0, slots_used = 0;
+  std::vector<TgBlock> tg_blocks;
   std::vector<std::pair<void*, void*>> tg_vars;  // generator key -> storage
+  // Storage for one block at the end of a fresh slot (null when all slots are taken).
+  char* tg_alloc(size_t size, size_t align, const char* file, int line, int index);
 
   ~Worker();
   void ensure_stacks(unsigned n, size_t size);

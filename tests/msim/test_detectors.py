@@ -222,3 +222,15 @@ def test_rerun_checks_have_no_false_positives(lib, check):
     kept, count = np.zeros(200, np.float32), np.zeros(1, np.uint32)
     lib.dispatch("compact", [v, kept, count, 200], (64,), threads=(200,), **{check: 1})
     assert count[0] == (v > 0).sum()
+
+
+def test_threadgroup_array_overrun(bugs):
+    y = np.zeros(64, np.float32)
+    with pytest.raises(msim.MetalError) as err:
+        bugs.dispatch("tg_oob_bug", [y], (64,), threadgroups=(1,))
+    msg = str(err.value)
+    decl = line_of("tg_oob_bug", "threadgroup float tile[64]")
+    assert f"out-of-bounds access to threadgroup variable declared at {REL}:{decl}" in msg
+    assert "(256 bytes): 0 bytes past its end" in msg and "thread (63,0,0)" in msg
+    bugs.dispatch("tg_oob_fixed", [y], (64,), threadgroups=(1,))
+    np.testing.assert_array_equal(y, (np.arange(64) + 1) % 64)

@@ -199,3 +199,17 @@ kernel void spin_wait_fixed(device uint* y [[buffer(0)]],
   threadgroup_barrier(mem_flags::mem_threadgroup);  // wait for the writer instead of spinning
   y[tid] = atomic_load_explicit(&flag, memory_order_relaxed) + tid;
 }
+
+// Reads one element past a threadgroup array (a neighbour-exchange off by one).
+kernel void tg_oob_bug(device float* y [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float tile[64];
+  tile[tid] = float(tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  y[tid] = tile[tid + 1];
+}
+kernel void tg_oob_fixed(device float* y [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float tile[64];
+  tile[tid] = float(tid);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  y[tid] = tile[(tid + 1) % 64];
+}
