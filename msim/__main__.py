@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-B = importlib.import_module("msim.build")  # the package re-exports build() over the module name
 from .host import _NP_TYPES, Library, MetalError
+
+B = importlib.import_module("msim.build")  # the package re-exports build() over the module name
 
 _RACE_ENV = "MSIM_RACE_CHILD"
 
