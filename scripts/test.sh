@@ -9,7 +9,8 @@ export PATH="$PWD/$VENV/bin:$PATH"
 echo "== lint"
 ruff check .
 ruff format --check .
-git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.mm' 'kernels/*.metal' 'kernels/*.h' \
+git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'csrc/*.mm' 'kernels/*.metal' 'kernels/*.h' \
+  'msim/*.h' 'msim/*.cpp' \
   | xargs -r clang-format --dry-run --Werror
 
 echo "== Metal kernels under msim: strict address-space lint"
