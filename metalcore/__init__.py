@@ -16,7 +16,11 @@ from . import _library
 
 _library.load()
 
-from . import _fakes  # noqa: E402,F401  (registers the fake implementations)
+from . import (  # noqa: E402
+    _fakes,  # noqa: F401  (registers the fake implementations)
+    nn,  # drop-in modules over the ops
+    optim,  # fused drop-in optimizer
+)
 from .functional import (  # noqa: E402
     adamw_step,
     fused_add_rmsnorm,
@@ -26,8 +30,6 @@ from .functional import (  # noqa: E402
     silu,
     swiglu,
 )
-
-from . import nn, optim  # noqa: E402  (modules and optimizer over the ops)
 from .integrations.hf import PatchHandle, patch  # noqa: E402  (transformers imported lazily)
 
 __version__ = "0.2.0.dev0"

@@ -99,12 +99,12 @@ class TinyLlama(torch.nn.Module):
         cfg = cfg or TinyLlamaConfig()
         self.config, self.kernels = cfg, kernels
         self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = torch.nn.ModuleList(_Block(cfg, kernels) for _ in range(cfg.num_hidden_layers))
+        self.layers = torch.nn.ModuleList(
+            _Block(cfg, kernels) for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = (RMSNorm if kernels else torch.nn.RMSNorm)(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary_emb = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta
-        )
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.embed_tokens(input_ids)

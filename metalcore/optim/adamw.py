@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,24 @@ _KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _float(x: float | Tensor) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2 parameters, their grads and states), else ``t``.
+
+    AdamW is elementwise, so updating each rank's shard in place is the full update; a
+    ``Partial`` placement (unreduced values) would not be, and is refused.
+    """
+    # Only a process that imported DTensor can hold one; importing it here would cost seconds.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(t, dtensor.DTensor):
+        return t
+    if any(pl.is_partial() for pl in t.placements):
+        raise RuntimeError(
+            "metalcore.optim.AdamW: a DTensor with a Partial placement cannot be updated "
+            f"shard by shard (placements {t.placements})"
+        )
+    return t.to_local()
 
 
 class AdamW(torch.optim.AdamW):
@@ -41,6 +60,9 @@ class AdamW(torch.optim.AdamW):
     * ``capturable=True`` and ``differentiable=True`` raise ``NotImplementedError``.
     * Complex parameters raise ``TypeError``; sparse gradients raise ``RuntimeError``.
     * Tensor ``betas`` are read as Python floats at each step.
+
+    FSDP2 (``fully_shard``) parameters are DTensors: the step updates each rank's local shard
+    (AdamW is elementwise), and the state tensors are DTensors like torch's.
     """
 
     def __init__(
@@ -130,15 +152,23 @@ class AdamW(torch.optim.AdamW):
                 state = self._init_state(p, amsgrad)
                 kernel = p.dtype in _KERNEL_PARAM_DTYPES and has_kernel("adamw", p.device.type)
                 lists = buckets.setdefault((p.device, kernel), [[], [], [], [], [], []])
-                lists[0].append(p)
-                lists[1].append(p.grad)
-                lists[2].append(state["exp_avg"])
-                lists[3].append(state["exp_avg_sq"])
-                if amsgrad:
-                    lists[4].append(state["max_exp_avg_sq"])
+                if kernel:  # the op takes plain tensors: DTensors contribute their shards
+                    lists[0].append(_local(p))
+                    lists[1].append(_local(p.grad))
+                    lists[2].append(_local(state["exp_avg"]))
+                    lists[3].append(_local(state["exp_avg_sq"]))
+                    if amsgrad:
+                        lists[4].append(_local(state["max_exp_avg_sq"]))
+                else:
+                    lists[0].append(p)
+                    lists[1].append(p.grad)
+                    lists[2].append(state["exp_avg"])
+                    lists[3].append(state["exp_avg_sq"])
+                    if amsgrad:
+                        lists[4].append(state["max_exp_avg_sq"])
                 lists[5].append(state["step"])
 
-            for (device, kernel), (ps, gs, m1, m2, mx, steps) in buckets.items():
+            for (_device, kernel), (ps, gs, m1, m2, mx, steps) in buckets.items():
                 if kernel:
                     lr = group["lr"]
                     if not isinstance(lr, Tensor):
