@@ -36,3 +36,15 @@ def has_cpu_kernel(op: str) -> bool:
 def needs_kernel(op: str):
     """Skips until the op's CPU kernel is in the build (rope, adamw land separately)."""
     return pytest.mark.skipif(not has_cpu_kernel(op), reason=f"metalcore::{op} has no CPU kernel")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Runs each test with one intra-op thread (autouse where a conftest imports it).
+
+    The users'-layer tests use tiny models, for which extra threads only add synchronisation:
+    on a busy 2-core runner they make each training step about ten times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
