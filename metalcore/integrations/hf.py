@@ -40,6 +40,8 @@ from torch import Tensor
 
 from .. import functional as mf
 from .._dispatch import KERNEL_DTYPES, has_kernel
+from ..nn.rmsnorm import RMSNorm as MetalcoreRMSNorm
+from ..nn.rmsnorm import _kernel_applies
 from ..nn.rotary import rope_kernel_applies
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -281,6 +283,8 @@ def patch(
             if rmsnorm and _family(module, "RMSNorm") and hasattr(module, "variance_epsilon"):
                 _instance_patch(handle, module, _rmsnorm_forward)
                 handle.patched["rmsnorm"].append(label)
+            elif isinstance(module, MetalcoreRMSNorm):
+                continue  # already runs the op
             elif rmsnorm and isinstance(module, torch.nn.RMSNorm):
                 _instance_patch(handle, module, _torch_rmsnorm_forward)
                 handle.patched["rmsnorm"].append(label)
@@ -307,8 +311,6 @@ def patch(
 
 
 def _torch_rmsnorm_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    from ..nn.rmsnorm import _kernel_applies
-
     def forward(self: torch.nn.RMSNorm, x: Tensor) -> Tensor:
         if _kernel_applies("rmsnorm", self, x, self.weight):
             return mf.rmsnorm(x, self.weight, self.eps)

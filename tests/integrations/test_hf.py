@@ -202,6 +202,19 @@ def test_unknown_norms_are_left_untouched_and_reported():
     handle.undo()
 
 
+def test_plain_torch_model_rmsnorms_are_patched_and_metalcore_ones_left_alone():
+    model = torch.nn.Sequential(torch.nn.RMSNorm(16, eps=1e-6), metalcore.nn.RMSNorm(16))
+    x = torch.randn(3, 16)
+    before = model(x)
+    with metalcore.patch(model) as handle:
+        assert handle.patched["rmsnorm"] == ["0"] and handle.skipped == {}
+        with OpCounter() as counter:
+            after = model(x)
+        assert counter.counts["rmsnorm"] == 2
+        torch.testing.assert_close(after, before)
+    assert "forward" not in model[0].__dict__
+
+
 def test_non_silu_mlp_is_left_untouched():
     model = tiny_model("llama", hidden_act="gelu")
     handle = metalcore.patch(model)

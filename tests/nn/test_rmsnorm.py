@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import metalcore
 from metalcore.nn import FusedAddRMSNorm, RMSNorm
 from tests.support import TOL
-from tests.users_support import OpCounter
+from tests.users_support import OpCounter, needs_transformers
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -66,6 +66,22 @@ def test_constructor_parameters_state_dict_and_isinstance_match_torch():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert type(loaded) is RMSNorm and torch.equal(loaded.weight, ours.weight)
+
+
+@needs_transformers
+def test_state_dict_interchanges_with_hf_llama_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.normal_()
+    ours = RMSNorm(48, eps=1e-5)
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 3, 48)
+    torch.testing.assert_close(ours(x), hf(x))
+    hf2 = LlamaRMSNorm(48, eps=1e-5)
+    hf2.load_state_dict(ours.state_dict())
+    assert torch.equal(hf2.weight, hf.weight)
 
 
 def test_multi_dim_normalized_shape_falls_back_to_torch_exactly():
