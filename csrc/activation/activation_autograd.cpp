@@ -59,14 +59,25 @@ class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
   }
 };
 
-at::Tensor silu_autograd(const at::Tensor& input) { return SiluFunction::apply(input); }
+at::Tensor silu_autograd(const at::Tensor& input) {
+  if (any_requires_grad({input})) return SiluFunction::apply(input);
+  static const auto op = op_handle<at::Tensor(const at::Tensor&)>("silu");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(input);
+}
 
 at::Tensor gelu_autograd(const at::Tensor& input, c10::string_view approximate) {
-  return GeluFunction::apply(input, approximate);
+  if (any_requires_grad({input})) return GeluFunction::apply(input, approximate);
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::string_view)>("gelu");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(input, approximate);
 }
 
 at::Tensor swiglu_autograd(const at::Tensor& gate, const at::Tensor& up) {
-  return SwigluFunction::apply(gate, up);
+  if (any_requires_grad({gate, up})) return SwigluFunction::apply(gate, up);
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("swiglu");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(gate, up);
 }
 
 at::Tensor silu_backward_autograd(const at::Tensor& grad_out, const at::Tensor& input) {

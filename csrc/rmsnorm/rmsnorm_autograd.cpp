@@ -69,11 +69,24 @@ class FusedAddRmsNormFunction : public torch::autograd::Function<FusedAddRmsNorm
 };
 
 at::Tensor rmsnorm_autograd(const at::Tensor& input, const OptTensor& weight, double eps) {
-  return RmsNormFunction::apply(input, weight, eps);
+  if (any_requires_grad({input, weight.value_or(at::Tensor())})) {
+    return RmsNormFunction::apply(input, weight, eps);
+  }
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const OptTensor&, double)>("rmsnorm");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(input, weight, eps);
 }
 
 Pair fused_add_rmsnorm_autograd(const at::Tensor& input, const at::Tensor& residual,
                                 const OptTensor& weight, double eps) {
+  if (!any_requires_grad({input, residual, weight.value_or(at::Tensor())})) {
+    static const auto op =
+        op_handle<Pair(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
+            "fused_add_rmsnorm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, residual, weight, eps);
+  }
   auto outs = FusedAddRmsNormFunction::apply(input, residual, weight, eps);
   return {outs[0], outs[1]};
 }
