@@ -242,8 +242,9 @@ def _selfcheck_cases(device: torch.device, dtype: torch.dtype, full: bool):
         ("swiglu", "backward", "swiglu", act_bwd("swiglu")),
         ("rope", "forward", "rope", rope_fwd),
         ("rope", "backward", "rope", rope_bwd),
-        ("adamw", "3 steps vs torch.optim.AdamW", "adamw", adamw_steps),
     ]
+    if dtype == torch.float32:  # the optimizer check keeps float32 params whatever the dtype
+        cases.append(("adamw", "3 steps vs torch.optim.AdamW", "adamw", adamw_steps))
     return cases
 
 
