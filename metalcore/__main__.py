@@ -465,12 +465,14 @@ def write_plot(result: TrainResult, path: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     steps = range(1, result.steps + 1)
     ax.plot(steps, result.losses_torch, label="torch modules + torch.optim.AdamW", lw=2.5)
     ax.plot(steps, result.losses_metalcore, "--", label="metalcore modules + AdamW", lw=1.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title("TinyLlama training: metalcore vs PyTorch")
