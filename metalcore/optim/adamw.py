@@ -12,8 +12,27 @@ from torch.optim.adam import adam as _torch_adam
 
 from .._dispatch import has_kernel
 
-# Parameter dtypes the adamw kernels update; others (float64) take torch's own AdamW math.
-_KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dense(t: Tensor) -> bool:
+    """No gaps and no overlap: the strides, sorted, are those of some contiguous layout."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _kernel_layout_ok(p: Tensor, grad: Tensor) -> bool:
+    # The kernels walk storage order: the param must be dense and its grad laid out the same
+    # (states are created with the param's layout). Anything else takes torch's path.
+    if p.is_contiguous() and grad.is_contiguous():
+        return True
+    return _dense(p) and p.stride() == grad.stride()
 
 
 def _float(x: float | Tensor) -> float:
@@ -49,8 +68,9 @@ class AdamW(torch.optim.AdamW):
     Each ``step()`` updates every parameter of a param group on one device with a single
     ``metalcore::adamw`` launch. ``lr`` may be a 0-dim tensor: the op reads it as a tensor, so
     a compiled ``step`` does not recompile when a scheduler changes it. Parameters on a device
-    without a metalcore kernel, or of a dtype the kernels do not cover (float64), are updated
-    by torch's own AdamW implementation instead, with identical results.
+    without a metalcore kernel, or laid out so that the kernel cannot walk them (overlapping
+    or gapped views, a grad with other strides than its param), are updated by torch's own
+    AdamW implementation instead.
 
     Arguments as ``torch.optim.AdamW``. Differences:
 
@@ -150,7 +170,11 @@ class AdamW(torch.optim.AdamW):
                         "consider torch.optim.SparseAdam instead"
                     )
                 state = self._init_state(p, amsgrad)
-                kernel = p.dtype in _KERNEL_PARAM_DTYPES and has_kernel("adamw", p.device.type)
+                kernel = (
+                    p.dtype in _KERNEL_PARAM_DTYPES
+                    and has_kernel("adamw", p.device.type)
+                    and _kernel_layout_ok(p, p.grad)
+                )
                 lists = buckets.setdefault((p.device, kernel), [[], [], [], [], [], []])
                 if kernel:  # the op takes plain tensors: DTensors contribute their shards
                     lists[0].append(_local(p))

@@ -148,23 +148,26 @@ def test_one_fused_launch_per_param_group():
     assert counter.counts == {"adamw": 2}
 
 
-def test_params_without_grad_are_skipped_and_float64_uses_torch_math():
+def test_params_without_grad_skipped_float64_fused_odd_layouts_use_torch_math():
     a = torch.nn.Parameter(torch.randn(5))
     b = torch.nn.Parameter(torch.randn(5))
     c = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
-    c_ref = c.detach().clone().requires_grad_()
-    opt = AdamW([a, b, c], lr=1e-2)
-    ref = torch.optim.AdamW([c_ref], lr=1e-2)
-    a.grad, c.grad, c_ref.grad = (
-        torch.randn(5),
-        torch.ones(5, dtype=torch.float64),
-        torch.ones(5, dtype=torch.float64),
-    )
+    d = torch.nn.Parameter(torch.randn(4, 6))
+    c_ref, d_ref = (t.detach().clone().requires_grad_() for t in (c, d))
+    opt = AdamW([a, b, c, d], lr=1e-2)
+    ref = torch.optim.AdamW([c_ref, d_ref], lr=1e-2, foreach=False)
+    a.grad = torch.randn(5)
+    c.grad = c_ref.grad = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    d.grad = torch.randn(6, 4).t()  # a grad with other strides than its param
+    d_ref.grad = d.grad.clone()
     b_before = b.detach().clone()
-    opt.step()
+    with OpCounter() as counter:
+        opt.step()
     ref.step()
+    assert counter.counts == {"adamw": 1}  # a and c in one launch; d on torch's path
     assert torch.equal(b, b_before) and b not in opt.state
-    torch.testing.assert_close(c, c_ref, rtol=0, atol=0)
+    torch.testing.assert_close(c, c_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
 
 
 def test_unsupported_options_and_inputs_are_clear_errors():
