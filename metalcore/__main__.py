@@ -18,6 +18,7 @@ import argparse
 import importlib
 import math
 import platform
+import runpy
 import statistics
 import sys
 import time
@@ -546,7 +547,21 @@ def write_report(out: Path, device, checks, bench, bench_source, train, plot_not
     return path
 
 
+def run_bench_suite(argv: list[str]) -> int:
+    """``python -m metalcore bench [...]``: the full benchmark suite of a source checkout."""
+    run = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not run.is_file():
+        print("metalcore bench: bench/run.py not found; run it from a source checkout")
+        return 1
+    sys.argv = [str(run), *argv]
+    runpy.run_path(str(run), run_name="__main__")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return run_bench_suite(argv[1:])
     parser = argparse.ArgumentParser(
         prog="metalcore",
         description="Self-check, benchmark and training comparison of metalcore on this machine.",
