@@ -22,7 +22,7 @@ using activation::check_like;
 void encode(Encoder& enc, const char* op, const char* family, const char* variant,
             std::initializer_list<at::Tensor> ins, std::initializer_list<at::Tensor> outs) {
   const at::Tensor& first = *ins.begin();
-  check_metal_dtype(op, "input", first.scalar_type());
+  check_metal_dtype(op, std::string(family) == "swiglu" ? "gate" : "input", first.scalar_type());
   const int64_t numel = first.numel();
   if (numel == 0) return;
   enc.set_pipeline(kernel_name(family, variant, first.scalar_type()));

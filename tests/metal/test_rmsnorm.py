@@ -19,15 +19,11 @@ row_sizes = st.sampled_from([1, 2, 3, 7, 31, 32, 33, 100, 257, 1000])
 lead_shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 
 
-def _layout(t, layout, device):
-    return make_layout(t, layout).to(device) if device == "cpu" else t.to(device)
-
-
 def check_forward(ops, device, lead, n, dtype, layout, with_weight, fused):
-    x = _layout(torch.randn(*lead, n, dtype=dtype), layout, device)
+    x = make_layout(torch.randn(*lead, n, dtype=dtype), layout, device)
     w = torch.randn(n, dtype=dtype, device=device) if with_weight else None
     if fused:
-        r = _layout(torch.randn(*lead, n, dtype=dtype), layout, device)
+        r = make_layout(torch.randn(*lead, n, dtype=dtype), layout, device)
         y, h = ops.fused_add_rmsnorm(x, r, w, 1e-6)
         y_cpu, h_cpu = cpu.fused_add_rmsnorm(x.cpu(), r.cpu(), None if w is None else w.cpu(), 1e-6)
         torch.testing.assert_close(h.cpu(), h_cpu, rtol=0, atol=0)  # one rounding, as unfused
@@ -42,8 +38,8 @@ def check_forward(ops, device, lead, n, dtype, layout, with_weight, fused):
 
 
 def check_backward(ops, device, lead, n, dtype, layout, with_weight, grad_res):
-    x = _layout(torch.randn(*lead, n, dtype=dtype), layout, device)
-    g = _layout(torch.randn(*lead, n, dtype=dtype), layout, device)
+    x = make_layout(torch.randn(*lead, n, dtype=dtype), layout, device)
+    g = make_layout(torch.randn(*lead, n, dtype=dtype), layout, device)
     w = torch.randn(n, dtype=dtype, device=device) if with_weight else None
     gr = torch.randn(*lead, n, dtype=dtype, device=device) if grad_res else None
     if grad_res:
