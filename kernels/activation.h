@@ -15,4 +15,9 @@ struct Params {
   METALCORE_U64 numel;
 };
 
+// Host and kernel must agree on this layout byte for byte (it travels as set_bytes data).
+#ifndef __METAL_VERSION__
+static_assert(sizeof(Params) == 8);
+#endif
+
 }  // namespace metalcore::activation_k

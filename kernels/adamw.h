@@ -37,4 +37,10 @@ struct Params {
   unsigned flags;
 };
 
+// Host and kernel must agree on these layouts byte for byte (they travel as set_bytes data).
+#ifndef __METAL_VERSION__
+static_assert(sizeof(TensorMeta) == 64 && kMaxTensors * sizeof(TensorMeta) <= 4096);
+static_assert(sizeof(Params) == 28);
+#endif
+
 }  // namespace metalcore::adamw_k

@@ -27,4 +27,9 @@ struct Params {
   float eps;
 };
 
+// Host and kernel must agree on this layout byte for byte (it travels as set_bytes data).
+#ifndef __METAL_VERSION__
+static_assert(sizeof(Params) == 48);
+#endif
+
 }  // namespace metalcore::rmsnorm_k

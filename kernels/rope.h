@@ -15,4 +15,9 @@ struct Params {
   unsigned transpose;  // 1: apply the transposed map (backward)
 };
 
+// Host and kernel must agree on this layout byte for byte (it travels as set_bytes data).
+#ifndef __METAL_VERSION__
+static_assert(sizeof(Params) == 64);
+#endif
+
 }  // namespace metalcore::rope_k
