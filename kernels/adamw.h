@@ -19,11 +19,11 @@ METALCORE_CONSTEXPR unsigned kLrOnHost = 4;  // lr is Params::lr, not the lr buf
 // Device addresses of one parameter's tensors (param/grad/state element types come from the
 // kernel's template arguments); max_exp_avg_sq is 0 unless amsgrad.
 struct TensorMeta {
-  METALCORE_DEVICE_PTR(void) param;
-  METALCORE_DEVICE_PTR(void) grad;
-  METALCORE_DEVICE_PTR(void) exp_avg;
-  METALCORE_DEVICE_PTR(void) exp_avg_sq;
-  METALCORE_DEVICE_PTR(void) max_exp_avg_sq;
+  METALCORE_DEVICE_PTR(uchar) param;
+  METALCORE_DEVICE_PTR(uchar) grad;
+  METALCORE_DEVICE_PTR(uchar) exp_avg;
+  METALCORE_DEVICE_PTR(uchar) exp_avg_sq;
+  METALCORE_DEVICE_PTR(uchar) max_exp_avg_sq;
   METALCORE_DEVICE_PTR(float) step;
   METALCORE_U64 numel;
   unsigned chunk_begin;  // first chunk (threadgroup) of this tensor in the launch

@@ -50,11 +50,11 @@ template <typename P, typename S>
   }
   constant TensorMeta& m = meta[lo];
   const float4 k = coef[lo];
-  device P* param = static_cast<device P*>(m.param);
-  device const P* grad = static_cast<device const P*>(m.grad);
-  device S* exp_avg = static_cast<device S*>(m.exp_avg);
-  device S* exp_avg_sq = static_cast<device S*>(m.exp_avg_sq);
-  device S* max_sq = static_cast<device S*>(m.max_exp_avg_sq);
+  device P* param = reinterpret_cast<device P*>(m.param);
+  device const P* grad = reinterpret_cast<device const P*>(m.grad);
+  device S* exp_avg = reinterpret_cast<device S*>(m.exp_avg);
+  device S* exp_avg_sq = reinterpret_cast<device S*>(m.exp_avg_sq);
+  device S* max_sq = reinterpret_cast<device S*>(m.max_exp_avg_sq);
   const bool amsgrad = (p.flags & kAmsgrad) != 0;
   const float sign = (p.flags & kMaximize) ? -1.0f : 1.0f;
   const ulong begin = ulong(group - m.chunk_begin) * kChunk;
@@ -65,15 +65,17 @@ template <typename P, typename S>
     float vv = float(exp_avg_sq[i]);
     mv += (1.0f - p.beta1) * (g - mv);  // torch's lerp form
     vv = p.beta2 * vv + (1.0f - p.beta2) * g * g;
-    float vd = vv;
+    // The update uses the moments as stored (rounded to S), as torch's in-place ops do.
+    const S m_s = S(mv), v_s = S(vv);
+    exp_avg[i] = m_s;
+    exp_avg_sq[i] = v_s;
+    float vd = float(v_s);
     if (amsgrad) {
-      vd = max(float(max_sq[i]), vv);
+      vd = max(float(max_sq[i]), vd);
       max_sq[i] = S(vd);
     }
     const float denom = precise::sqrt(vd) * k.z + p.eps;
-    param[i] = P(float(param[i]) * k.x - k.y * mv / denom);
-    exp_avg[i] = S(mv);
-    exp_avg_sq[i] = S(vv);
+    param[i] = P(float(param[i]) * k.x - k.y * float(m_s) / denom);
   }
 }
 

@@ -25,12 +25,16 @@ def test_launch_layer_names_exist_in_library(mops):
     assert library - launch == set(), "kernels no launch path can select"
 
 
-def test_msim_ops_mirror_metalcore_schemas(mops):
-    for name in dir(mops):
-        packet = getattr(mops, name)
-        if not hasattr(torch.ops.metalcore, name):
-            continue
-        mine = packet.default._schema
-        theirs = getattr(torch.ops.metalcore, name).default._schema
-        assert [str(a) for a in mine.arguments] == [str(a) for a in theirs.arguments], name
-        assert [str(r) for r in mine.returns] == [str(r) for r in theirs.returns], name
+# Every metalcore op that has Metal kernels.
+METAL_OPS = [
+    "rmsnorm", "rmsnorm_backward", "fused_add_rmsnorm", "fused_add_rmsnorm_backward",
+    "silu", "silu_backward", "gelu", "gelu_backward", "swiglu", "swiglu_backward",
+    "rope", "rope_backward", "adamw",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", METAL_OPS)
+def test_msim_ops_mirror_metalcore_schemas(mops, name):
+    mine = str(getattr(mops, name).default._schema)
+    theirs = str(getattr(torch.ops.metalcore, name).default._schema)
+    assert mine.replace("metalcore_msim::", "metalcore::", 1) == theirs

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import metalcore
 from tests.metal import test_activation as act
+from tests.metal import test_adamw as adamw
 from tests.metal import test_rmsnorm as rms
+from tests.metal import test_rope as rope
 from tests.support import FLOAT_DTYPES, LAYOUTS
 
 HAVE_MPS = torch.backends.mps.is_available()
@@ -72,6 +74,30 @@ def test_activation_forward_backward(kind, shape, dtype, layout):
 
 def test_activation_empty_and_special_values():
     act.check_empty_and_special(ops, "mps")
+
+
+@given(c=rope.cases())
+def test_rope_forward_backward(c):
+    rope.check_rope(ops, "mps", c)
+
+
+def test_rope_empty_and_special_values():
+    rope.check_empty_and_special(ops, "mps")
+
+
+@given(
+    sizes=st.lists(st.sampled_from(adamw.SIZES + [1 << 20]), min_size=1, max_size=5),
+    pair=st.sampled_from(adamw.DTYPE_PAIRS),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+)
+def test_adamw_matches_cpu_and_reference(sizes, pair, amsgrad, maximize):
+    adamw.check_adamw(ops, "mps", [(n, *pair) for n in sizes], amsgrad, maximize)
+
+
+def test_adamw_more_tensors_than_one_launch():
+    specs = [(n % 50 + (n == 3) * 4096, torch.float32, torch.float32) for n in range(150)]
+    adamw.check_adamw(ops, "mps", specs, amsgrad=True, maximize=False, steps=2)
 
 
 def test_training_step_on_mps():
