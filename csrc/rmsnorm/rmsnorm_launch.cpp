@@ -1,11 +1,13 @@
 // RMSNorm launch layer: validation, output allocation, variant choice, grid sizes and argument
 // binding, written once against Encoder. Variants: "single" keeps a row in registers (one read)
-// when ceil(n / kReads) threads fit in one threadgroup, "looped" strides over longer rows.
+// when ceil(n / kReads) threads fit in one threadgroup, "looped" strides over longer rows; the
+// "_vec4" forms load 4 elements per instruction when every row is 4-element aligned.
 #include "rmsnorm/rmsnorm_launch.h"
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <limits>
 
 #include "common/kernel_name.h"
@@ -17,7 +19,25 @@ namespace {
 
 using namespace rmsnorm_k;
 
-constexpr const char* kVariants[] = {"single", "looped", "bwd_single", "bwd_looped", "dw_reduce"};
+constexpr const char* kVariants[] = {"single",      "single_vec4",     "looped",
+                                     "looped_vec4", "bwd_single",      "bwd_single_vec4",
+                                     "bwd_looped",  "bwd_looped_vec4", "dw_reduce"};
+
+// vec4 loads need n % 4 == 0 and every row of every bound tensor starting 4-element aligned
+// (storage bases are at least 16-byte aligned on both backends).
+bool vec4_ok(uint32_t n, std::initializer_list<at::Tensor> tensors) {
+  if (n % 4 != 0) return false;
+  for (const at::Tensor& t : tensors) {
+    if (!t.defined()) continue;
+    if (Encoder::byte_offset(t) % (4 * t.element_size()) != 0) return false;
+    if (t.dim() == 2 && t.size(0) > 1 && t.stride(0) % 4 != 0) return false;
+  }
+  return true;
+}
+
+std::string with_width(const char* variant, bool vec4) {
+  return vec4 ? std::string(variant) + "_vec4" : std::string(variant);
+}
 
 void check_metal(const char* op, const at::Tensor& input, int64_t n) {
   check_metal_dtype(op, "input", input.scalar_type());
@@ -53,9 +73,11 @@ void encode_forward(Encoder& enc, const at::Tensor& x, const at::Tensor& residua
   p.flags = (weight.defined() ? kHasWeight : 0u) | (residual.defined() ? kHasResidual : 0u);
   p.eps = static_cast<float>(eps);
 
-  uint32_t threads = single_threads(enc, kernel_name("rmsnorm", "single", dtype), p.n);
+  const bool vec4 = vec4_ok(p.n, {x, residual, weight, out, residual_out});
+  uint32_t threads =
+      single_threads(enc, kernel_name("rmsnorm", with_width("single", vec4), dtype), p.n);
   if (threads == 0) {
-    enc.set_pipeline(kernel_name("rmsnorm", "looped", dtype));
+    enc.set_pipeline(kernel_name("rmsnorm", with_width("looped", vec4), dtype));
     threads = looped_threads(enc);
   }
   enc.set_tensor(0, x);
@@ -87,9 +109,11 @@ void encode_backward(Encoder& enc, const at::Tensor& grad_out, const at::Tensor&
 
   const at::Tensor partial =
       weight.defined() ? at::empty({groups, p.n}, x.options().dtype(at::kFloat)) : at::Tensor();
-  uint32_t threads = single_threads(enc, kernel_name("rmsnorm", "bwd_single", dtype), p.n);
+  const bool vec4 = vec4_ok(p.n, {grad_out, x, weight, grad_residual, grad_input, partial});
+  uint32_t threads =
+      single_threads(enc, kernel_name("rmsnorm", with_width("bwd_single", vec4), dtype), p.n);
   if (threads == 0) {
-    enc.set_pipeline(kernel_name("rmsnorm", "bwd_looped", dtype));
+    enc.set_pipeline(kernel_name("rmsnorm", with_width("bwd_looped", vec4), dtype));
     threads = looped_threads(enc);
   }
   enc.set_tensor(0, grad_out);

@@ -17,9 +17,9 @@ ops.load_kernels(sys.argv[1])
 for limit in (64, 224):
     ops.set_option("max_threads", str(limit))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # Rows that fit one threadgroup (single) and rows that do not (looped); several
-        # simdgroups per threadgroup and several rows per backward threadgroup.
-        for n in (3 * limit, 4 * limit + 5):
+        # Rows that fit one threadgroup (single) and rows that do not (looped), with vec4 and
+        # scalar widths; several simdgroups per threadgroup and rows per backward threadgroup.
+        for n in (3 * limit, 3 * limit + 1, 4 * limit + 8, 4 * limit + 5):
             x = torch.randn(11, n, dtype=dtype)
             w = torch.randn(n, dtype=dtype)
             ops.rmsnorm(x, w, 1e-6)

@@ -12,7 +12,11 @@ from tests.support import REPO
 from .conftest import KERNELS
 
 # Kernels with threadgroup memory (two-level reductions): all in kernels/rmsnorm.metal.
-RACE_KERNELS = ["rmsnorm_single", "rmsnorm_looped", "rmsnorm_bwd_single", "rmsnorm_bwd_looped"]
+RACE_KERNELS = [
+    f"rmsnorm_{variant}{width}"
+    for variant in ("single", "looped", "bwd_single", "bwd_looped")
+    for width in ("", "_vec4")
+]
 
 
 def test_threadgroup_kernels_are_race_free(mops):

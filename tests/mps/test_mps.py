@@ -51,11 +51,12 @@ def test_rmsnorm_backward(lead, n, dtype, layout, with_weight, grad_res):
 
 
 # The real pipeline limit decides the variant here: cover both sides of the 4096 cutoff.
-@pytest.mark.parametrize("n", [4095, 4096, 4097, 8191, 16384 + 3])
+@pytest.mark.parametrize("n", [4095, 4096, 4097, 4100, 8191, 8192, 16384 + 3])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_rmsnorm_variant_cutoffs(n, dtype):
-    rms.check_forward(ops, "mps", (3,), n, dtype, "offset", True, True)
-    rms.check_backward(ops, "mps", (9,), n, dtype, "offset", True, True)
+    for layout in ("offset", "contiguous"):  # scalar and (for n % 4 == 0) vec4 kernels
+        rms.check_forward(ops, "mps", (3,), n, dtype, layout, True, True)
+        rms.check_backward(ops, "mps", (9,), n, dtype, layout, True, True)
 
 
 def test_rmsnorm_empty_and_special_values():
