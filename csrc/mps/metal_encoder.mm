@@ -1,13 +1,12 @@
 // Metal backend of Encoder. The only code that touches Metal: it loads the kernel library once,
 // caches one pipeline state per host name, and translates recorded Encoder calls into commands on
 // PyTorch's current MPS stream, following PyTorch's MPS extension pattern (getCurrentMPSStream,
-// dispatch_sync_with_rethrow on the stream's queue, the stream's shared compute encoder,
-// getMTLBufferStorage, byte offsets = storage_offset * element_size). Compiled without ARC.
+// dispatch_sync_with_rethrow on the stream's queue, the stream's shared compute encoder, the
+// tensor's MTLBuffer, byte offsets = storage_offset * element_size). Compiled without ARC.
 #include "mps/metal_encoder.h"
 
 #include <ATen/mps/MPSDevice.h>
 #include <ATen/mps/MPSStream.h>
-#include <ATen/native/mps/OperationUtils.h>
 #include <c10/util/Exception.h>
 
 #import <Foundation/Foundation.h>
@@ -26,7 +25,12 @@
 namespace metalcore::mps {
 namespace {
 
-using at::native::mps::getMTLBufferStorage;
+// An MPS tensor's storage data pointer is its MTLBuffer (the same bit cast as PyTorch's
+// getMTLBufferStorage; defined here, as PyTorch's MPS extension sample does, to avoid pulling in
+// the MPSGraph-heavy OperationUtils.h).
+id<MTLBuffer> getMTLBufferStorage(const at::Tensor& t) {
+  return __builtin_bit_cast(id<MTLBuffer>, t.storage().data());
+}
 
 id<MTLDevice> device() { return at::mps::MPSDevice::getInstance()->device(); }
 
@@ -48,6 +52,13 @@ class PipelineCache {
     std::unique_lock<std::shared_mutex> lock(mutex_);
     auto it = pipelines_.find(name);
     if (it != pipelines_.end()) return it->second;
+    @autoreleasepool {  // may run on any thread, outside PyTorch's queues
+      return create(name);
+    }
+  }
+
+ private:
+  id<MTLComputePipelineState> create(const std::string& name) {
     load_libraries();
     id<MTLFunction> fn = nil;
     for (id<MTLLibrary> lib : libraries_) {
@@ -65,7 +76,6 @@ class PipelineCache {
     return pso;
   }
 
- private:
   void load_libraries() {
     if (!libraries_.empty()) return;
     NSError* error = nil;
