@@ -40,8 +40,7 @@ void adamw(Encoder& enc, at::TensorList params, at::TensorList grads, at::Tensor
   for (size_t i = 0; i < params.size(); ++i) {
     const adamw::Item pa{"params", i}, sa{"state_steps", i};
     TORCH_CHECK(params[i].device() == device, "metalcore.", op, ": '", pa,
-                "' must be on the device of 'params[0]' (", device, "), got ",
-                params[i].device());
+                "' must be on the device of 'params[0]' (", device, "), got ", params[i].device());
     TORCH_CHECK_TYPE(metal_supports(params[i].scalar_type()), "metalcore.", op, ": '", pa,
                      "' must be float16, bfloat16 or float32 on the Metal backend, got ",
                      params[i].scalar_type());
@@ -49,8 +48,7 @@ void adamw(Encoder& enc, at::TensorList params, at::TensorList grads, at::Tensor
                 "' must be on the device of the params (", device, "), got ",
                 state_steps[i].device());
     TORCH_CHECK_TYPE(state_steps[i].scalar_type() == at::kFloat, "metalcore.", op, ": '", sa,
-                     "' must be float32 on the Metal backend, got ",
-                     state_steps[i].scalar_type());
+                     "' must be float32 on the Metal backend, got ", state_steps[i].scalar_type());
   }
 
   Params p{};
@@ -104,8 +102,8 @@ void adamw(Encoder& enc, at::TensorList params, at::TensorList grads, at::Tensor
       }
       p.num_tensors = static_cast<uint32_t>(count);
       const size_t meta_bytes = count * sizeof(TensorMeta);
-      const at::Tensor coef = at::empty({static_cast<int64_t>(count), 4},
-                                        params[0].options().dtype(at::kFloat));
+      const at::Tensor coef =
+          at::empty({static_cast<int64_t>(count), 4}, params[0].options().dtype(at::kFloat));
 
       enc.set_pipeline(kernel_name("adamw", "prepare", at::kFloat));
       enc.set_bytes(0, meta, meta_bytes);

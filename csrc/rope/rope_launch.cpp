@@ -93,7 +93,8 @@ std::vector<std::string> rope_kernel_names() {
   for (bool interleaved : {false, true}) {
     for (auto t : {at::kFloat, at::kHalf, at::kBFloat16}) {
       names.push_back(kernel_name("rope", variant(interleaved, t, t), t));
-      if (t != at::kFloat) names.push_back(kernel_name("rope", variant(interleaved, t, at::kFloat), t));
+      if (t != at::kFloat)
+        names.push_back(kernel_name("rope", variant(interleaved, t, at::kFloat), t));
     }
   }
   return names;
