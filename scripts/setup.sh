@@ -30,7 +30,7 @@ fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q "torch==${METALCORE_TORCH_VERSION:-2.13.0}"
 "$VENV/bin/pip" install -q scikit-build-core ninja "cmake>=3.25" pybind11 numpy scipy \
-  pytest pytest-xdist hypothesis expecttest ruff "clang-format==19.*" matplotlib \
+  pytest pytest-xdist hypothesis expecttest "ruff==0.17.6" "clang-format==19.*" matplotlib \
   "transformers>=4.45"
 # The build uses the torch installed above (no build isolation, no dependency resolution).
 "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e .
