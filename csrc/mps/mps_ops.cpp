@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "activation/activation_launch.h"
+#include "adamw/adamw_launch.h"
 #include "mps/metal_encoder.h"
 #include "rmsnorm/rmsnorm_launch.h"
 
@@ -25,6 +26,7 @@ TORCH_LIBRARY_IMPL(metalcore, MPS, m) {
   m.impl("gelu_backward", on_metal<&launch::gelu_backward>);
   m.impl("swiglu", on_metal<&launch::swiglu>);
   m.impl("swiglu_backward", on_metal<&launch::swiglu_backward>);
+  m.impl("adamw", on_metal<&launch::adamw>);
 }
 
 }  // namespace metalcore::mps

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "activation/activation_launch.h"
+#include "adamw/adamw_launch.h"
 #include "msim/msim_encoder.h"
 #include "rmsnorm/rmsnorm_launch.h"
 
@@ -17,6 +18,7 @@ constexpr auto on_msim = &WithEncoder<MsimEncoder, Fn>::call;
 std::vector<std::string> launch_kernel_names() {
   std::vector<std::string> names = launch::rmsnorm_kernel_names();
   for (auto& n : launch::activation_kernel_names()) names.push_back(n);
+  for (auto& n : launch::adamw_kernel_names()) names.push_back(n);
   return names;
 }
 
@@ -50,6 +52,11 @@ TORCH_LIBRARY(metalcore_msim, m) {
   m.def(
       "swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor "
       "grad_up)");
+  m.def(
+      "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
+      " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps,"
+      " Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad=False,"
+      " bool maximize=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(metalcore_msim, CPU, m) {
@@ -63,6 +70,7 @@ TORCH_LIBRARY_IMPL(metalcore_msim, CPU, m) {
   m.impl("gelu_backward", on_msim<&launch::gelu_backward>);
   m.impl("swiglu", on_msim<&launch::swiglu>);
   m.impl("swiglu_backward", on_msim<&launch::swiglu_backward>);
+  m.impl("adamw", on_msim<&launch::adamw>);
 }
 
 }  // namespace metalcore::msim
