@@ -6,6 +6,7 @@
 #include "adamw/adamw_launch.h"
 #include "mps/metal_encoder.h"
 #include "rmsnorm/rmsnorm_launch.h"
+#include "rope/rope_launch.h"
 
 namespace metalcore::mps {
 namespace {
@@ -26,6 +27,8 @@ TORCH_LIBRARY_IMPL(metalcore, MPS, m) {
   m.impl("gelu_backward", on_metal<&launch::gelu_backward>);
   m.impl("swiglu", on_metal<&launch::swiglu>);
   m.impl("swiglu_backward", on_metal<&launch::swiglu_backward>);
+  m.impl("rope", on_metal<&launch::rope>);
+  m.impl("rope_backward", on_metal<&launch::rope_backward>);
   m.impl("adamw", on_metal<&launch::adamw>);
 }
 

@@ -8,6 +8,7 @@
 #include "adamw/adamw_launch.h"
 #include "msim/msim_encoder.h"
 #include "rmsnorm/rmsnorm_launch.h"
+#include "rope/rope_launch.h"
 
 namespace metalcore::msim {
 namespace {
@@ -18,6 +19,7 @@ constexpr auto on_msim = &WithEncoder<MsimEncoder, Fn>::call;
 std::vector<std::string> launch_kernel_names() {
   std::vector<std::string> names = launch::rmsnorm_kernel_names();
   for (auto& n : launch::activation_kernel_names()) names.push_back(n);
+  for (auto& n : launch::rope_kernel_names()) names.push_back(n);
   for (auto& n : launch::adamw_kernel_names()) names.push_back(n);
   return names;
 }
@@ -53,6 +55,12 @@ TORCH_LIBRARY(metalcore_msim, m) {
       "swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor "
       "grad_up)");
   m.def(
+      "rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved=False)"
+      " -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "rope_backward(Tensor grad_q_out, Tensor grad_k_out, Tensor cos, Tensor sin,"
+      " bool interleaved=False) -> (Tensor grad_q, Tensor grad_k)");
+  m.def(
       "adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,"
       " Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps,"
       " Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad=False,"
@@ -70,6 +78,8 @@ TORCH_LIBRARY_IMPL(metalcore_msim, CPU, m) {
   m.impl("gelu_backward", on_msim<&launch::gelu_backward>);
   m.impl("swiglu", on_msim<&launch::swiglu>);
   m.impl("swiglu_backward", on_msim<&launch::swiglu_backward>);
+  m.impl("rope", on_msim<&launch::rope>);
+  m.impl("rope_backward", on_msim<&launch::rope_backward>);
   m.impl("adamw", on_msim<&launch::adamw>);
 }
 
