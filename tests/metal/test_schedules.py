@@ -35,5 +35,8 @@ def test_every_family(mops, schedule, dtype):
     test_activation.check_activation(mops, "cpu", "gelu_none", (1025,), dtype, "contiguous")
     case = dict(b=2, hq=5, hk=2, s=3, d=18, rot=12, dtype=dtype, table="3d", fp32_table=True)
     test_rope.check_rope(mops, "cpu", dict(case, layout="heads_transposed", interleaved=True))
+    # AdamW has no threadgroup memory, and the uninitialised-memory check reruns a dispatch,
+    # which cannot restore tensors it updates in place through metadata pointers.
+    mops.set_option("uninit_check", "0")
     specs = [(n, dtype, torch.float32) for n in (0, 5, 4097)] * 30
     test_adamw.check_adamw(mops, "cpu", specs, amsgrad=True, maximize=False, steps=2)
