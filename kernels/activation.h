@@ -3,7 +3,8 @@
 
 #include "common/defines.h"
 
-namespace metalcore::activation_k {
+namespace metalcore {
+namespace activation_k {
 
 // Threads per threadgroup and elements per thread: each thread keeps kIlp independent loads in
 // flight; thread t of a group owns elements t, t + kThreads, ... of its block (coalesced loads).
@@ -20,4 +21,5 @@ struct Params {
 static_assert(sizeof(Params) == 8);
 #endif
 
-}  // namespace metalcore::activation_k
+}  // namespace activation_k
+}  // namespace metalcore

@@ -10,7 +10,10 @@ using namespace metal;
 using metalcore::activation_k::kIlp;
 using metalcore::activation_k::Params;
 
-namespace {
+// A named namespace (not an anonymous one): kernels instantiated with these types must keep
+// external linkage to be exported from the library.
+namespace metalcore {
+namespace act {
 
 constant constexpr float kSqrt1_2 = 0.70710678118654752f;
 constant constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -50,7 +53,12 @@ struct GeluTanh {
   }
 };
 
-}  // namespace
+}  // namespace act
+}  // namespace metalcore
+
+using metalcore::act::GeluErf;
+using metalcore::act::GeluTanh;
+using metalcore::act::Silu;
 
 // First element of this thread's block; elements are base + k * tpg for k < kIlp.
 inline ulong block_base(uint group, uint tid, uint tpg) { return ulong(group) * tpg * kIlp + tid; }

@@ -3,7 +3,8 @@
 
 #include "common/defines.h"
 
-namespace metalcore::adamw_k {
+namespace metalcore {
+namespace adamw_k {
 
 // One launch covers up to kMaxTensors tensors: threadgroup g updates the kChunk-element chunk g
 // of the concatenated tensors; thread t owns elements t + k * threads of it (coalesced,
@@ -43,4 +44,5 @@ static_assert(sizeof(TensorMeta) == 64 && kMaxTensors * sizeof(TensorMeta) <= 40
 static_assert(sizeof(Params) == 28);
 #endif
 
-}  // namespace metalcore::adamw_k
+}  // namespace adamw_k
+}  // namespace metalcore

@@ -3,7 +3,8 @@
 
 #include "common/defines.h"
 
-namespace metalcore::rmsnorm_k {
+namespace metalcore {
+namespace rmsnorm_k {
 
 // Elements per thread in the register-resident variants: a row of up to
 // kReads * 1024 = 4096 elements is read from memory exactly once.
@@ -32,4 +33,5 @@ struct Params {
 static_assert(sizeof(Params) == 48);
 #endif
 
-}  // namespace metalcore::rmsnorm_k
+}  // namespace rmsnorm_k
+}  // namespace metalcore

@@ -3,7 +3,8 @@
 
 #include "common/defines.h"
 
-namespace metalcore::rope_k {
+namespace metalcore {
+namespace rope_k {
 
 // Heads handled by one thread: each cos/sin load is reused this many times.
 METALCORE_CONSTEXPR unsigned kHeadsPerThread = 4;
@@ -20,4 +21,5 @@ struct Params {
 static_assert(sizeof(Params) == 64);
 #endif
 
-}  // namespace metalcore::rope_k
+}  // namespace rope_k
+}  // namespace metalcore

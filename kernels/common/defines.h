@@ -1,5 +1,6 @@
 // Definitions shared by Metal kernels and host C++: the same header compiles in both worlds, so
 // host launch code and kernels cannot disagree on a constant or a parameter layout.
+// Everything under kernels/ is C++14 (Metal 3.1): no nested namespace definitions or if constexpr.
 #pragma once
 
 // __METAL_VERSION__ is predefined by the Metal compiler (and by msim), never by host compilers.
