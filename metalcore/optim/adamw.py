@@ -190,6 +190,11 @@ class AdamW(torch.optim.AdamW):
                     lists[3].append(state["exp_avg_sq"])
                     if amsgrad:
                         lists[4].append(state["max_exp_avg_sq"])
+                if kernel and p.device.type != "cpu" and state["step"].device != p.device:
+                    # GPU kernels read and bump the step on the device (the Metal one requires
+                    # it), as torch's fused AdamW keeps it; a CPU step from a torch state_dict
+                    # moves there once.
+                    state["step"] = state["step"].to(p.device)
                 lists[5].append(state["step"])
 
             for (_device, kernel), (ps, gs, m1, m2, mx, steps) in buckets.items():
