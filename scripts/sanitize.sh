@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Sanitizer job: builds the native library with AddressSanitizer + UndefinedBehaviorSanitizer in
+# its own build folder (the package's library is left alone) and runs a fast subset that calls
+# every op and every CPU kernel variant against it: the seeded smoke of every op under both CPU
+# capabilities (AVX2 and the portable build), then the fuzz module with a small example count.
+# Any sanitizer report aborts the Python process, which fails the job.
+#
+# Usage: scripts/sanitize.sh   (inside the project's environment; PYTHON picks the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+PY=$(command -v "$PY")
+BUILD=${METALCORE_SANITIZE_BUILD:-build-sanitize}
+
+start=$SECONDS
+cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DMETALCORE_SANITIZE=ON \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+ninja -C "$BUILD" -j "${METALCORE_JOBS:-2}" >/dev/null
+echo "sanitize: built in $((SECONDS - start))s"
+
+# Python itself is not instrumented, so the ASan runtime must be loaded first (LD_PRELOAD), from
+# the same compiler that built the library.
+CXX_USED=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+ASAN_RT=$("$CXX_USED" -print-file-name=libasan.so)
+[ -f "$ASAN_RT" ] || { echo "sanitize: no ASan runtime for $CXX_USED" >&2; exit 1; }
+
+export METALCORE_LIBRARY="$PWD/$BUILD/libmetalcore_ops.so"
+export LD_PRELOAD="$ASAN_RT"
+# detect_leaks=0: CPython's own allocations at exit are reported as leaks (per-call leaks are the
+# job of tests/reliability/test_leaks.py). malloc_fill_byte=255: fresh allocations read as NaN
+# in every float dtype, so a kernel that leaves output elements unwritten fails the comparison.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:malloc_fill_byte=255:max_malloc_fill_size=268435456"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SEEDS=${METALCORE_SANITIZE_SEEDS:-12}
+
+"$PY" -m metalcore.testing.smoke --seeds "$SEEDS"
+ATEN_CPU_CAPABILITY=default "$PY" -m metalcore.testing.smoke --seeds "$SEEDS" --expect-default
+METALCORE_FUZZ_EXAMPLES=${METALCORE_SANITIZE_EXAMPLES:-8} "$PY" -m pytest -q -p no:cacheprovider \
+  tests/reliability/test_fuzz.py -k "not portable"
+echo "sanitize: ok in $((SECONDS - start))s"
