@@ -17,14 +17,19 @@ template <typename T, size_t NIN, size_t NOUT, typename F>
 void elementwise(int64_t n, const std::array<const T*, NIN>& in, const std::array<T*, NOUT>& out,
                  const F& f) {
   using V = fvec<T>;
-  constexpr int64_t L = vec_len<T>();
+  constexpr int64_t C = chunk_len<T>();
   at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i += L) {
-      const int64_t c = std::min(L, end - i);
-      std::array<V, NIN> xs;
-      for (size_t k = 0; k < NIN; ++k) xs[k] = c == L ? vload(in[k] + i) : vload(in[k] + i, c);
-      const std::array<V, NOUT> ys = f(xs);
-      for (size_t k = 0; k < NOUT; ++k) vstore(out[k] + i, ys[k], c);
+    for (int64_t i = begin; i < end; i += C) {
+      const int64_t c = std::min(C, end - i);
+      std::array<V, NIN> lo, hi;
+      for (size_t k = 0; k < NIN; ++k) {
+        const Chunk<T> x = load_chunk(in[k] + i, c, c == C);
+        lo[k] = x.lo;
+        hi[k] = x.hi;
+      }
+      const std::array<V, NOUT> ylo = f(lo);
+      const std::array<V, NOUT> yhi = f(hi);
+      for (size_t k = 0; k < NOUT; ++k) store_chunk(out[k] + i, Chunk<T>{ylo[k], yhi[k]}, c);
     }
   });
 }

@@ -67,4 +67,74 @@ inline fvec<T> vround(const fvec<T>& v) {
   }
 }
 
+// Kernels step through rows in chunks of two opmath vectors (16 floats with AVX2): for 16-bit
+// types that is exactly one native vector load/store plus one conversion, instead of two
+// half-width conversions.
+template <typename T>
+struct Chunk {
+  fvec<T> lo, hi;
+};
+
+template <typename T>
+constexpr int64_t chunk_len() {
+  return 2 * vec_len<T>();
+}
+
+template <typename T>
+inline Chunk<T> load_chunk(const T* p) {
+  if constexpr (is_reduced_v<T>) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    return {lo, hi};
+  } else {
+    return {fvec<T>::loadu(p), fvec<T>::loadu(p + vec_len<T>())};
+  }
+}
+
+// Loads `count` (< chunk_len) elements; the rest of the chunk is zero.
+template <typename T>
+inline Chunk<T> load_chunk(const T* p, int64_t count) {
+  if constexpr (is_reduced_v<T>) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count));
+    return {lo, hi};
+  } else {
+    constexpr int64_t L = vec_len<T>();
+    if (count <= L) return {fvec<T>::loadu(p, count), fvec<T>(opmath_t<T>(0))};
+    return {fvec<T>::loadu(p), fvec<T>::loadu(p + L, count - L)};
+  }
+}
+
+template <typename T>
+inline Chunk<T> load_chunk(const T* p, int64_t count, bool full) {
+  return full ? load_chunk(p) : load_chunk(p, count);
+}
+
+template <typename T>
+inline void store_chunk(T* p, const Chunk<T>& c, int64_t count = chunk_len<T>()) {
+  if constexpr (is_reduced_v<T>) {
+    at::vec::convert_from_float<T>(c.lo, c.hi).store(p, count);
+  } else {
+    constexpr int64_t L = vec_len<T>();
+    if (count >= 2 * L) {
+      c.lo.store(p);
+      c.hi.store(p + L);
+    } else if (count <= L) {
+      c.lo.store(p, count);
+    } else {
+      c.lo.store(p);
+      c.hi.store(p + L, count - L);
+    }
+  }
+}
+
+// Rounds a chunk to T and back (the value a T tensor would hold).
+template <typename T>
+inline Chunk<T> round_chunk(const Chunk<T>& c) {
+  if constexpr (is_reduced_v<T>) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(c.lo, c.hi));
+    return {lo, hi};
+  } else {
+    return c;
+  }
+}
+
 }  // namespace metalcore::cpu

@@ -21,7 +21,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& residual, const at::Ten
                   double eps_d, const at::Tensor& out, const at::Tensor& residual_out) {
   using acc_t = opmath_t<T>;
   using V = fvec<T>;
-  constexpr int64_t L = vec_len<T>();
+  constexpr int64_t C = chunk_len<T>();
   const int64_t rows = x.size(0), n = x.size(1);
   const T* xp = x.const_data_ptr<T>();
   const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
@@ -30,40 +30,48 @@ void forward_impl(const at::Tensor& x, const at::Tensor& residual, const at::Ten
   T* hp = residual_out.defined() ? residual_out.mutable_data_ptr<T>() : nullptr;
   const int64_t xs = x.stride(0), rs = rp ? residual.stride(0) : 0;
   const acc_t eps = static_cast<acc_t>(eps_d);
+  auto sum = [](V& a, V& b) { return a + b; };
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* xr = xp + row * xs;
       T* yr = op + row * n;
-      // Pass 1: sum of squares (of the rounded residual sum in the fused variant).
-      V ss_v(acc_t(0));
+      // Pass 1: sum of squares (of the rounded residual sum in the fused variant); two
+      // accumulators keep two FMA chains in flight.
+      V ss0(acc_t(0)), ss1(acc_t(0));
       const T* src = xr;
       if (rp != nullptr) {
         const T* rr = rp + row * rs;
         T* hr = hp + row * n;
-        for (int64_t j = 0; j < n; j += L) {
-          const int64_t c = std::min(L, n - j);
-          V h = c == L ? vround<T>(vload(xr + j) + vload(rr + j))
-                       : vround<T>(vload(xr + j, c) + vload(rr + j, c));
-          vstore(hr + j, h, c);
-          ss_v = at::vec::fmadd(h, h, ss_v);
+        for (int64_t j = 0; j < n; j += C) {
+          const int64_t c = std::min(C, n - j);
+          const Chunk<T> a = load_chunk(xr + j, c, c == C), b = load_chunk(rr + j, c, c == C);
+          const Chunk<T> h = round_chunk<T>({a.lo + b.lo, a.hi + b.hi});
+          store_chunk(hr + j, h, c);
+          ss0 = at::vec::fmadd(h.lo, h.lo, ss0);
+          ss1 = at::vec::fmadd(h.hi, h.hi, ss1);
         }
         src = hr;
       } else {
-        for (int64_t j = 0; j < n; j += L) {
-          const int64_t c = std::min(L, n - j);
-          V v = c == L ? vload(xr + j) : vload(xr + j, c);
-          ss_v = at::vec::fmadd(v, v, ss_v);
+        for (int64_t j = 0; j < n; j += C) {
+          const int64_t c = std::min(C, n - j);
+          const Chunk<T> v = load_chunk(xr + j, c, c == C);
+          ss0 = at::vec::fmadd(v.lo, v.lo, ss0);
+          ss1 = at::vec::fmadd(v.hi, v.hi, ss1);
         }
       }
-      const acc_t ss = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, ss_v);
+      const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss0 + ss1);
       const V rstd(acc_t(1) / std::sqrt(ss / static_cast<acc_t>(n) + eps));
-      // Pass 2: normalise and scale.
-      for (int64_t j = 0; j < n; j += L) {
-        const int64_t c = std::min(L, n - j);
-        V y = (c == L ? vload(src + j) : vload(src + j, c)) * rstd;
-        if (wp != nullptr) y = y * (c == L ? vload(wp + j) : vload(wp + j, c));
-        vstore(yr + j, y, c);
+      // Pass 2 (the row is in L1/L2 now): normalise and scale.
+      for (int64_t j = 0; j < n; j += C) {
+        const int64_t c = std::min(C, n - j);
+        Chunk<T> y = load_chunk(src + j, c, c == C);
+        y = {y.lo * rstd, y.hi * rstd};
+        if (wp != nullptr) {
+          const Chunk<T> w = load_chunk(wp + j, c, c == C);
+          y = {y.lo * w.lo, y.hi * w.hi};
+        }
+        store_chunk(yr + j, y, c);
       }
     }
   });
@@ -76,6 +84,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
   using acc_t = opmath_t<T>;
   using V = fvec<T>;
   constexpr int64_t L = vec_len<T>();
+  constexpr int64_t C = chunk_len<T>();
   const int64_t rows = x.size(0), n = x.size(1);
   const T* gp = grad_out.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
@@ -86,6 +95,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
   const int64_t grs = grp ? grad_residual.stride(0) : 0;
   const acc_t eps = static_cast<acc_t>(eps_d);
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(n, 1));
+  auto sum = [](V& a, V& b) { return a + b; };
 
   // grad_weight = sum over rows of g * x * rstd: each thread accumulates its own row of
   // partials (no atomics, deterministic for a fixed thread count), reduced at the end.
@@ -104,39 +114,50 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
       const T* xr = xp + row * xs;
       T* dxr = dxp + row * n;
       // Pass 1: sum x^2 and sum (g * w) * x.
-      V ss_v(acc_t(0)), dot_v(acc_t(0));
-      for (int64_t j = 0; j < n; j += L) {
-        const int64_t c = std::min(L, n - j);
-        V xv = c == L ? vload(xr + j) : vload(xr + j, c);
-        V gv = c == L ? vload(gr + j) : vload(gr + j, c);
-        if (wp != nullptr) gv = gv * (c == L ? vload(wp + j) : vload(wp + j, c));
-        ss_v = at::vec::fmadd(xv, xv, ss_v);
-        dot_v = at::vec::fmadd(gv, xv, dot_v);
+      V ss0(acc_t(0)), ss1(acc_t(0)), dot0(acc_t(0)), dot1(acc_t(0));
+      for (int64_t j = 0; j < n; j += C) {
+        const int64_t c = std::min(C, n - j);
+        const bool full = c == C;
+        const Chunk<T> xv = load_chunk(xr + j, c, full);
+        Chunk<T> gv = load_chunk(gr + j, c, full);
+        if (wp != nullptr) {
+          const Chunk<T> w = load_chunk(wp + j, c, full);
+          gv = {gv.lo * w.lo, gv.hi * w.hi};
+        }
+        ss0 = at::vec::fmadd(xv.lo, xv.lo, ss0);
+        ss1 = at::vec::fmadd(xv.hi, xv.hi, ss1);
+        dot0 = at::vec::fmadd(gv.lo, xv.lo, dot0);
+        dot1 = at::vec::fmadd(gv.hi, xv.hi, dot1);
       }
-      auto sum = [](V& a, V& b) { return a + b; };
-      const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss_v);
-      const acc_t dot = at::vec::vec_reduce_all<acc_t>(sum, dot_v);
+      const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss0 + ss1);
+      const acc_t dot = at::vec::vec_reduce_all<acc_t>(sum, dot0 + dot1);
       const acc_t rstd_s = acc_t(1) / std::sqrt(ss * inv_n + eps);
       // dx = rstd * g * w - x * rstd^3 * mean(g * w * x)
       const V rstd(rstd_s);
       const V coef(dot * rstd_s * rstd_s * rstd_s * inv_n);
       // Pass 2: dx, and this thread's grad_weight partials.
-      for (int64_t j = 0; j < n; j += L) {
-        const int64_t c = std::min(L, n - j);
-        V xv = c == L ? vload(xr + j) : vload(xr + j, c);
-        V gv = c == L ? vload(gr + j) : vload(gr + j, c);
-        V gw = gv;
+      for (int64_t j = 0; j < n; j += C) {
+        const int64_t c = std::min(C, n - j);
+        const bool full = c == C;
+        const Chunk<T> xv = load_chunk(xr + j, c, full);
+        const Chunk<T> gv = load_chunk(gr + j, c, full);
+        Chunk<T> gw = gv;
         if (wp != nullptr) {
-          gw = gv * (c == L ? vload(wp + j) : vload(wp + j, c));
-          V acc = V::loadu(dw + j, c);
-          at::vec::fmadd(gv, xv * rstd, acc).store(dw + j, c);
+          const Chunk<T> w = load_chunk(wp + j, c, full);
+          gw = {gv.lo * w.lo, gv.hi * w.hi};
+          // dw[j..] += g * x * rstd, on the opmath partial row (split at the vector width).
+          const int64_t c_lo = std::min(L, c), c_hi = c - c_lo;
+          at::vec::fmadd(gv.lo, xv.lo * rstd, V::loadu(dw + j, c_lo)).store(dw + j, c_lo);
+          if (c_hi > 0) {
+            at::vec::fmadd(gv.hi, xv.hi * rstd, V::loadu(dw + j + L, c_hi)).store(dw + j + L, c_hi);
+          }
         }
-        V dx = gw * rstd - xv * coef;
+        Chunk<T> dx = {gw.lo * rstd - xv.lo * coef, gw.hi * rstd - xv.hi * coef};
         if (grp != nullptr) {
-          const T* grr = grp + row * grs;
-          dx = dx + (c == L ? vload(grr + j) : vload(grr + j, c));
+          const Chunk<T> gres = load_chunk(grp + row * grs + j, c, full);
+          dx = {dx.lo + gres.lo, dx.hi + gres.hi};
         }
-        vstore(dxr + j, dx, c);
+        store_chunk(dxr + j, dx, c);
       }
     }
   });
