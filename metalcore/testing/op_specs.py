@@ -478,50 +478,55 @@ def _rms_tol(table, backward: tuple[int, int, int] | None = None):
 
 def _bad_rms() -> dict[str, list[BadInput]]:
     x = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)  # noqa: E731
-    common = lambda op, extra: [  # noqa: E731
-        BadInput(
-            "integer input",
-            lambda: ([*extra(torch.ones(4, 8, dtype=torch.int32)), None, 1e-6], {}),
-            TypeError,
-            rf"metalcore\.{op}: '\w+' must be float16, bfloat16, float32 or float64, got Int",
-        ),
-        BadInput(
-            "0-d input",
-            lambda: ([*extra(torch.tensor(1.0)), None, 1e-6], {}),
-            ValueError,
-            rf"metalcore\.{op}: '\w+' must have at least 1 dimension",
-        ),
-        BadInput(
-            "weight of the wrong size",
-            lambda: ([*extra(x(4, 8)), x(7), 1e-6], {}),
-            ValueError,
-            rf"metalcore\.{op}: 'weight' must have shape \[8\]",
-        ),
-        BadInput(
-            "weight of another dtype",
-            lambda: ([*extra(x(4, 8)), x(8, dtype=torch.float64), 1e-6], {}),
-            TypeError,
-            rf"metalcore\.{op}: 'weight' must have the same dtype as '\w+'",
-        ),
-        BadInput(
-            "weight on another device",
-            lambda: ([*extra(x(4, 8)), torch.empty(8, device="meta"), 1e-6], {}),
-            RuntimeError,
-            rf"metalcore\.{op}: 'weight' must be on the same device as '\w+'",
-        ),
-        BadInput(
-            "negative eps",
-            lambda: ([*extra(x(4, 8)), None, -1.0], {}),
-            ValueError,
-            rf"metalcore\.{op}: 'eps' must be >= 0, got -1",
-        ),
-        BadInput(
-            "NaN eps",
-            lambda: ([*extra(x(4, 8)), None, float("nan")], {}),
-            ValueError,
-            rf"metalcore\.{op}: 'eps' must be >= 0, got nan",
-        ),
-    ]
+
+    def common(op, extra, name="input"):
+        # The normalised tensor is named in every message (residual_out in the fused backward).
+        return [
+            BadInput(
+                f"integer {name}",
+                lambda: ([*extra(torch.ones(4, 8, dtype=torch.int32)), None, 1e-6], {}),
+                TypeError,
+                rf"metalcore\.{op}: '{name}' must be float16, bfloat16, float32 or float64, "
+                r"got Int",
+            ),
+            BadInput(
+                f"0-d {name}",
+                lambda: ([*extra(torch.tensor(1.0)), None, 1e-6], {}),
+                ValueError,
+                rf"metalcore\.{op}: '{name}' must have at least 1 dimension",
+            ),
+            BadInput(
+                "weight of the wrong size",
+                lambda: ([*extra(x(4, 8)), x(7), 1e-6], {}),
+                ValueError,
+                rf"metalcore\.{op}: 'weight' must have shape \[8\] \(the last dim of '{name}'\)",
+            ),
+            BadInput(
+                "weight of another dtype",
+                lambda: ([*extra(x(4, 8)), x(8, dtype=torch.float64), 1e-6], {}),
+                TypeError,
+                rf"metalcore\.{op}: 'weight' must have the same dtype as '{name}'",
+            ),
+            BadInput(
+                "weight on another device",
+                lambda: ([*extra(x(4, 8)), torch.empty(8, device="meta"), 1e-6], {}),
+                RuntimeError,
+                rf"metalcore\.{op}: 'weight' must be on the same device as '{name}'",
+            ),
+            BadInput(
+                "negative eps",
+                lambda: ([*extra(x(4, 8)), None, -1.0], {}),
+                ValueError,
+                rf"metalcore\.{op}: 'eps' must be >= 0, got -1",
+            ),
+            BadInput(
+                "NaN eps",
+                lambda: ([*extra(x(4, 8)), None, float("nan")], {}),
+                ValueError,
+                rf"metalcore\.{op}: 'eps' must be >= 0, got nan",
+            ),
+        ]
+
     return {
         "rmsnorm": common("rmsnorm", lambda t: [t]),
         "rmsnorm_backward": common("rmsnorm_backward", lambda t: [t.clone(), t])
@@ -562,7 +567,7 @@ def _bad_rms() -> dict[str, list[BadInput]]:
             ),
         ],
         "fused_add_rmsnorm_backward": common(
-            "fused_add_rmsnorm_backward", lambda t: [t.clone(), None, t]
+            "fused_add_rmsnorm_backward", lambda t: [t.clone(), None, t], "residual_out"
         )
         + [
             BadInput(
@@ -802,12 +807,149 @@ def _autograd_swiglu(args, kwargs):
     return [y, a.grad, b.grad]
 
 
+# --- RoPE --------------------------------------------------------------------------------------
+
+ROPE_HEAD_DIMS = (2, 4, 6, 8, 16, 18, 32, 34, 64, 66, 128)
+
+
+def _draw_rope_args(d: Drawer, q_name: str, k_name: str) -> Sample:
+    dtype = draw_dtype(d)
+    b = d.choice([1, 2, 3], label="batch")
+    hq = d.choice([1, 2, 3, 5, 0], label="q_heads")
+    hk = d.choice([1, 2, hq, 0], label="k_heads")
+    if d.boolean(0.05, label="long_seq"):
+        s, hd = d.choice([257, 1031], label="seq"), 128
+    else:
+        s = d.choice([1, 2, 7, 16, 17, 33, 0], label="seq")
+        hd = d.choice(ROPE_HEAD_DIMS, label="head_dim")
+    # rot: full, half (partial rotary), the smallest pair, or none (pure pass-through).
+    rot = d.choice(sorted({hd, 2 * max(1, hd // 4), 2, 0}, reverse=True), label="rot")
+    q = draw_layout(d, draw_values(d, (b, hq, s, hd), dtype, q_name), LAYOUTS, q_name)
+    k = draw_layout(d, draw_values(d, (b, hk, s, hd), dtype, k_name), LAYOUTS, k_name)
+    reduced = dtype in (torch.float16, torch.bfloat16)
+    tdtype = torch.float32 if reduced and d.boolean(label="fp32_tables") else dtype
+    form = d.choice(["2d", "3d", "batch1"], label="table_form")
+    tshape = {"2d": (s, rot), "3d": (b, s, rot), "batch1": (1, s, rot)}[form]
+    # Arbitrary (not rotation-shaped) tables, so every coefficient position is exercised.
+    cos = draw_layout(d, draw_values(d, tshape, tdtype, "cos"), LAYOUTS, "cos")
+    sin = draw_layout(d, draw_values(d, tshape, tdtype, "sin"), LAYOUTS, "sin")
+    return Sample([q, k, cos, sin, d.boolean(label="interleaved")], dtype=dtype)
+
+
+def _ref_rope(q, k, cos, sin, interleaved):
+    return ref.rope(q.double(), k.double(), cos.double(), sin.double(), interleaved)
+
+
+def _ref_rope_backward(gq, gk, cos, sin, interleaved):
+    # rope is linear in (q, k): its vjp in float64 is the exact transposed map.
+    fn = ref.gptj_apply_rotary_pos_emb if interleaved else ref.hf_apply_rotary_pos_emb
+    c, s = cos.double(), sin.double()
+    zq = torch.zeros(gq.shape, dtype=torch.float64)
+    zk = torch.zeros(gk.shape, dtype=torch.float64)
+    _, vjp = torch.func.vjp(lambda q, k: fn(q, k, c, s), zq, zk)
+    return vjp((gq.double(), gk.double()))
+
+
+def _bad_rope() -> dict[str, list[BadInput]]:
+    x = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)  # noqa: E731
+
+    def cases(op, qn, kn):
+        def call(q, k, cos, sin):
+            return lambda: ([q(), k(), cos(), sin(), False], {})
+
+        q4 = lambda: x(2, 3, 5, 8)  # noqa: E731
+        k4 = lambda: x(2, 1, 5, 8)  # noqa: E731
+        t = lambda: x(5, 8)  # noqa: E731
+        return [
+            BadInput(
+                f"integer {qn}",
+                call(lambda: torch.ones(2, 3, 5, 8, dtype=torch.int32), k4, t, t),
+                TypeError,
+                rf"metalcore\.{op}: '{qn}' must be float16, bfloat16, float32 or float64, got Int",
+            ),
+            BadInput(
+                f"{kn} of another dtype",
+                call(q4, lambda: x(2, 1, 5, 8, dtype=torch.float64), t, t),
+                TypeError,
+                rf"metalcore\.{op}: '{kn}' must have the same dtype as '{qn}'",
+            ),
+            BadInput(
+                "float64 cos with float32 q",
+                call(q4, k4, lambda: x(5, 8, dtype=torch.float64), t),
+                TypeError,
+                rf"metalcore\.{op}: 'cos' must have the same dtype as '{qn}'",
+            ),
+            BadInput(
+                f"3-D {qn}",
+                call(lambda: x(3, 5, 8), k4, t, t),
+                ValueError,
+                rf"metalcore\.{op}: '{qn}' must be 4-D \[batch, heads, seq, head_dim\]",
+            ),
+            BadInput(
+                f"{kn} with another head_dim",
+                call(q4, lambda: x(2, 1, 5, 6), t, t),
+                ValueError,
+                rf"metalcore\.{op}: '{kn}' must have the batch, seq and head_dim of '{qn}'",
+            ),
+            BadInput(
+                "1-D cos",
+                call(q4, k4, lambda: x(8), lambda: x(8)),
+                ValueError,
+                rf"metalcore\.{op}: 'cos' must be 2-D \[seq, rot\] or 3-D",
+            ),
+            BadInput(
+                "sin of another shape than cos",
+                call(q4, k4, t, lambda: x(5, 6)),
+                ValueError,
+                rf"metalcore\.{op}: 'sin' must have the same shape as 'cos'",
+            ),
+            BadInput(
+                "cos of another seq",
+                call(q4, k4, lambda: x(4, 8), lambda: x(4, 8)),
+                ValueError,
+                rf"metalcore\.{op}: 'cos' must have seq = 5",
+            ),
+            BadInput(
+                "cos of another batch",
+                call(q4, k4, lambda: x(3, 5, 8), lambda: x(3, 5, 8)),
+                ValueError,
+                rf"metalcore\.{op}: 'cos' must have batch 1 or 2 in dim 0",
+            ),
+            BadInput(
+                "odd rot",
+                call(q4, k4, lambda: x(5, 7), lambda: x(5, 7)),
+                ValueError,
+                rf"metalcore\.{op}: 'cos' last dim \(rot\) must be even and <= head_dim",
+            ),
+            BadInput(
+                "rot larger than head_dim",
+                call(q4, k4, lambda: x(5, 10), lambda: x(5, 10)),
+                ValueError,
+                rf"metalcore\.{op}: 'cos' last dim \(rot\) must be even and <= head_dim = 8",
+            ),
+        ]
+
+    return {
+        "rope": cases("rope", "q", "k"),
+        "rope_backward": cases("rope_backward", "grad_q_out", "grad_k_out"),
+    }
+
+
+def _autograd_rope(args, kwargs):
+    q, k, cos, sin, interleaved = args
+    ql, kl = q.detach().requires_grad_(), k.detach().requires_grad_()
+    qo, ko = torch.ops.metalcore.rope(ql, kl, cos, sin, interleaved)
+    torch.autograd.backward((qo, ko), (torch.ones_like(qo), torch.ones_like(ko)))
+    return [qo, ko, ql.grad, kl.grad]
+
+
 # --- Registry --------------------------------------------------------------------------------
 
 
 def _build() -> dict[str, OpSpec]:
     rms_bad = _bad_rms()
     act_bad = _bad_activation()
+    rope_bad = _bad_rope()
     specs = [
         OpSpec(
             "rmsnorm",
@@ -883,6 +1025,21 @@ def _build() -> dict[str, OpSpec]:
             lambda g, a, b: ref.swiglu_backward(g, a, b),
             _tol_table(BACKWARD_TOL),
             act_bad["swiglu_backward"],
+        ),
+        OpSpec(
+            "rope",
+            lambda d: _draw_rope_args(d, "q", "k"),
+            _ref_rope,
+            _tol_table(ELEMENTWISE_TOL),
+            rope_bad["rope"],
+            autograd=_autograd_rope,
+        ),
+        OpSpec(
+            "rope_backward",
+            lambda d: _draw_rope_args(d, "grad_q_out", "grad_k_out"),
+            _ref_rope_backward,
+            _tol_table(ELEMENTWISE_TOL),
+            rope_bad["rope_backward"],
         ),
     ]
     return {s.name: s for s in specs}

@@ -48,20 +48,18 @@ def test_every_op_has_bad_input_cases():
 
 @pytest.mark.parametrize("backend", [b.name for b in bk.BACKENDS])
 @pytest.mark.parametrize("op", sorted(SPECS))
-def test_matches_float64_reference(op, backend):
+@settings(max_examples=FUZZ_EXAMPLES)
+@given(data=st.data())
+def test_matches_float64_reference(op, backend, data):
+    # Module-level @given under parametrize: hypothesis keys its example database by test id,
+    # so a saved failure replays for the op and backend it came from.
     spec, be = SPECS[op], bk.backend(backend)
     why = be.op_unavailable(op)
     if why:
         pytest.skip(why)
-
-    @settings(max_examples=FUZZ_EXAMPLES)
-    @given(data=st.data())
-    def fuzz(data):
-        sample = spec.draw(HypothesisDrawer(data))
-        note(f"sample: {sample.describe()}")
-        bk.check_sample(spec, be, sample)
-
-    fuzz()
+    sample = spec.draw(HypothesisDrawer(data))
+    note(f"sample: {sample.describe()}")
+    bk.check_sample(spec, be, sample)
 
 
 def test_portable_cpu_kernels_in_a_fresh_process():

@@ -2,6 +2,7 @@
 plus backward through autograd) leaves process RSS, and allocated device memory where a GPU
 backend runs, flat."""
 
+import ctypes
 import gc
 import os
 
@@ -23,11 +24,21 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap() -> None:
+    # Free heap pages left by earlier tests would absorb a leak without raising RSS; glibc's
+    # malloc_trim hands them back to the OS so that new allocations must touch new pages.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_growth(fn, calls: int = CALLS) -> int:
     """RSS growth over ``calls`` calls of ``fn``, after a warm-up that fills allocator caches."""
     for _ in range(max(50, calls // 4)):
         fn()
     gc.collect()
+    _release_free_heap()
     before = rss_bytes()
     for _ in range(calls):
         fn()

@@ -1,5 +1,6 @@
 """Bugs the reliability harness found, each pinned by the smallest input that showed it."""
 
+import pytest
 import torch
 
 from metalcore.testing import reference as ref
@@ -28,3 +29,30 @@ def test_swiglu_backward_does_not_overflow_through_grad_times_up():
     expected, _ = ref.swiglu_backward(g, gate, up)
     assert torch.isfinite(grad_gate).all(), grad_gate
     torch.testing.assert_close(grad_gate, expected.float())
+
+
+def test_rmsnorm_grad_weight_is_independent_of_thread_count():
+    # grad_weight summed per-thread partials, so its last bits changed with set_num_threads.
+    x = torch.randn(129, 1024, dtype=torch.float16)
+    g, w = torch.randn_like(x), torch.randn(1024, dtype=torch.float16)
+    prev = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ops.fused_add_rmsnorm_backward(g, g, x, w, 0.5)[1])
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(results[0].view(torch.int16), r.view(torch.int16)) for r in results)
+
+
+def test_fused_add_rmsnorm_backward_errors_name_residual_out():
+    # The messages named 'input', an argument this op does not have.
+    with pytest.raises(TypeError, match=r"'residual_out' must be float16"):
+        ops.fused_add_rmsnorm_backward(
+            torch.ones(2, 4), None, torch.ones(2, 4, dtype=torch.int32), None, 1e-6
+        )
+    with pytest.raises(ValueError, match=r"\(the last dim of 'residual_out'\)"):
+        ops.fused_add_rmsnorm_backward(
+            torch.ones(2, 4), None, torch.ones(2, 4), torch.ones(3), 1e-6
+        )
