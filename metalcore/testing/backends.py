@@ -28,7 +28,7 @@ class Backend:
     name: str
     device: str
     dispatch_key: str | None = None  # None: ops come from another namespace (msim)
-    namespace: str = "metalcore"
+    namespace: str | None = None  # None: the spec's own namespace
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run here, or None."""
@@ -48,10 +48,9 @@ class Backend:
         why = self.unavailable()
         if why:
             return why
-        full = f"{self.namespace}::{op}"
         if self.dispatch_key is None:
-            if not torch._C._dispatch_has_kernel(full) and op not in _ops_in(self.namespace):
-                return f"{full} is not registered"
+            if op not in _ops_in(self.namespace):
+                return f"{self.namespace}::{op} is not registered"
             return None
         if not torch._C._dispatch_has_kernel_for_dispatch_key(
             f"metalcore::{op}", self.dispatch_key

@@ -943,6 +943,185 @@ def _autograd_rope(args, kwargs):
     return [qo, ko, ql.grad, kl.grad]
 
 
+# --- AdamW -------------------------------------------------------------------------------------
+
+# Each tensor of one parameter must share the param's memory order (the kernel walks storage
+# order), so one dense layout is drawn per parameter and applied to all of its tensors.
+ADAMW_LAYOUTS = ("contiguous", "offset", "transposed")
+
+
+def _draw_adamw(d: Drawer) -> Sample:
+    pdtype = draw_dtype(d, "param_dtype")
+    reduced = pdtype in (torch.float16, torch.bfloat16)
+    sdtype = torch.float32 if reduced and d.boolean(label="fp32_states") else pdtype
+    amsgrad, maximize = d.boolean(label="amsgrad"), d.boolean(label="maximize")
+    lists: dict[str, list[TensorArg]] = {k: [] for k in ("p", "g", "m", "v", "mx", "step")}
+    for i in range(d.integer(0, 4, label="n_params")):
+        shape = draw_shape(d, f"param{i}", max_dim=3)
+        lay = draw_layout(d, torch.empty(shape), ADAMW_LAYOUTS, f"param{i}")
+
+        def arg(values, lay=lay):
+            return TensorArg(values, lay.layout, lay.dims)
+
+        lists["p"].append(arg(draw_values(d, shape, pdtype, f"p{i}")))
+        lists["g"].append(arg(draw_values(d, shape, pdtype, f"g{i}")))
+        lists["m"].append(arg(draw_values(d, shape, sdtype, f"m{i}")))
+        lists["v"].append(arg(draw_values(d, shape, sdtype, f"v{i}", positive=True)))
+        if amsgrad:
+            lists["mx"].append(arg(draw_values(d, shape, sdtype, f"mx{i}", positive=True)))
+        step = float(d.choice([0, 1, 9, 999], label=f"step{i}"))
+        lists["step"].append(TensorArg(torch.tensor(step, dtype=torch.float32)))
+    lr_dtype = d.choice([torch.float64, torch.float32], label="lr_dtype")
+    lr = TensorArg(torch.tensor(d.choice([1e-3, 0.1, 0.0], label="lr"), dtype=lr_dtype))
+    args = [
+        lists["p"],
+        lists["g"],
+        lists["m"],
+        lists["v"],
+        lists["mx"],
+        lists["step"],
+        lr,
+        d.choice([0.9, 0.0, 0.5], label="beta1"),
+        d.choice([0.999, 0.0, 0.9], label="beta2"),
+        d.choice([1e-2, 0.0, 0.1], label="weight_decay"),
+        d.choice([1e-8, 0.0, 1e-3], label="eps"),
+        amsgrad,
+        maximize,
+    ]
+    return Sample(args, dtype=pdtype, info={"state_dtype": sdtype})
+
+
+def _ref_adamw(params, grads, m, v, mx, steps, lr, beta1, beta2, wd, eps, amsgrad, maximize):
+    # Updates the (CPU) arguments in place; check_sample then compares the mutated lists.
+    ref.adamw_step_reference(
+        params,
+        grads,
+        m,
+        v,
+        mx,
+        steps,
+        lr=float(lr),
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=wd,
+        eps=eps,
+        amsgrad=amsgrad,
+        maximize=maximize,
+    )
+
+
+def _adamw_tol(sample: Sample, index: int) -> Tolerance:
+    # Outputs: params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps (flattened lists).
+    n = len(sample.args[0])
+    n_max = len(sample.args[4])
+    bounds = [n, 2 * n, 3 * n, 3 * n + n_max]
+    if index < bounds[0]:
+        dtype = sample.dtype
+    elif index < bounds[3]:
+        dtype = sample.info["state_dtype"]
+    else:
+        return Tolerance(0.0, 0.0)  # state_steps: exact
+    # The update is lr * m / (sqrt(v) + eps) on top of p: rounding of the stored result.
+    return ELEMENTWISE_TOL[dtype]
+
+
+def _bad_adamw() -> list[BadInput]:
+    x = lambda *s, dtype=torch.float32: torch.randn(*s, dtype=dtype)  # noqa: E731
+    step = lambda: torch.tensor(0.0)  # noqa: E731
+    lr = lambda: torch.tensor(1e-3, dtype=torch.float64)  # noqa: E731
+
+    def call(
+        p=None, g=None, m=None, v=None, mx=(), steps=None, lr_=None, hyper=(0.9, 0.999, 0.0, 1e-8)
+    ):
+        def make():
+            pp = p() if p else [x(4, 8)]
+            return (
+                [
+                    pp,
+                    g() if g else [torch.randn_like(t) for t in pp],
+                    m() if m else [torch.zeros_like(t) for t in pp],
+                    v() if v else [torch.zeros_like(t) for t in pp],
+                    mx() if callable(mx) else list(mx),
+                    steps() if steps else [step() for _ in pp],
+                    lr_() if lr_ else lr(),
+                    *hyper,
+                ],
+                {},
+            )
+
+        return make
+
+    op = r"metalcore\.adamw: "
+    return [
+        BadInput(
+            "fewer grads than params",
+            call(p=lambda: [x(4), x(3)], g=lambda: [x(4)]),
+            ValueError,
+            op + r"'grads' must have one tensor per param \(2\), got 1",
+        ),
+        BadInput(
+            "grad of another dtype",
+            call(g=lambda: [x(4, 8, dtype=torch.float64)]),
+            TypeError,
+            op + r"'grads\[0\]' must have the same dtype as 'params\[0\]'",
+        ),
+        BadInput(
+            "state of another shape",
+            call(m=lambda: [x(4, 7)]),
+            ValueError,
+            op + r"'exp_avgs\[0\]' must have the same shape as 'params\[0\]'",
+        ),
+        BadInput(
+            "float16 state for a float32 param",
+            call(v=lambda: [x(4, 8, dtype=torch.float16)]),
+            TypeError,
+            op + r"'exp_avg_sqs\[0\]' must be float32 or the dtype of 'params\[0\]'",
+        ),
+        BadInput(
+            "non-dense (sliced) param",
+            call(p=lambda: [x(4, 16)[:, ::2]]),
+            ValueError,
+            op + r"'params\[0\]' must be contiguous \(or dense without gaps or overlap\)",
+        ),
+        BadInput(
+            "max_exp_avg_sqs without amsgrad",
+            call(mx=lambda: [x(4, 8)]),
+            ValueError,
+            op + r"'max_exp_avg_sqs' must be empty when amsgrad=False, got 1 tensor",
+        ),
+        BadInput(
+            "integer state_step",
+            call(steps=lambda: [torch.tensor(0)]),
+            ValueError,
+            op + r"'state_steps\[0\]' must be a 0-dim float32 or float64 tensor",
+        ),
+        BadInput(
+            "1-D lr",
+            call(lr_=lambda: torch.tensor([1e-3])),
+            ValueError,
+            op + r"'lr' must be a 0-dim tensor",
+        ),
+        BadInput(
+            "negative lr",
+            call(lr_=lambda: torch.tensor(-1.0)),
+            ValueError,
+            op + r"'lr' must be >= 0, got -1",
+        ),
+        BadInput(
+            "beta1 of 1",
+            call(hyper=(1.0, 0.999, 0.0, 1e-8)),
+            ValueError,
+            op + r"'beta1' must be in \[0, 1\), got 1",
+        ),
+        BadInput(
+            "negative weight_decay",
+            call(hyper=(0.9, 0.999, -0.1, 1e-8)),
+            ValueError,
+            op + r"'weight_decay' must be >= 0, got -0.1",
+        ),
+    ]
+
+
 # --- Registry --------------------------------------------------------------------------------
 
 
@@ -1040,6 +1219,14 @@ def _build() -> dict[str, OpSpec]:
             _ref_rope_backward,
             _tol_table(ELEMENTWISE_TOL),
             rope_bad["rope_backward"],
+        ),
+        OpSpec(
+            "adamw",
+            _draw_adamw,
+            _ref_adamw,
+            _adamw_tol,
+            _bad_adamw(),
+            mutated_args=(0, 2, 3, 4, 5),
         ),
     ]
     return {s.name: s for s in specs}

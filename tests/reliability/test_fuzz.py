@@ -13,16 +13,18 @@ on-demand deep run. A failure prints the sample and a ``@reproduce_failure`` blo
 the hypothesis example database, so the next run retries it first.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from metalcore.testing import backends as bk
-from metalcore.testing.op_specs import SPECS, HypothesisDrawer, registered_ops
+from metalcore.testing.op_specs import SPECS, HypothesisDrawer, registered_ops, sample
 
 FUZZ_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_EXAMPLES", 4 * settings.default.max_examples))
 
@@ -75,3 +77,63 @@ def test_portable_cpu_kernels_in_a_fresh_process():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+# --- The checker must catch the classic kernel bugs: planted in a test-only namespace ----------
+
+_selftest = torch.library.Library("metalcore_selftest", "DEF")
+for _name in ("silu_tail", "silu_strides", "silu_writes_input", "silu_wrong_nan"):
+    _selftest.define(f"{_name}(Tensor input) -> Tensor")
+
+
+def _silu(x):
+    return torch.nn.functional.silu(x.float()).to(x.dtype)
+
+
+def _tail(x):  # leaves the last element unwritten (W4: uninitialised tails)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    xc = x.contiguous().view(-1)
+    out.view(-1)[:-1] = _silu(xc[:-1])
+    return out
+
+
+def _strides(x):  # reads the storage as if the view were contiguous (W1: ignores strides)
+    raw = torch.as_strided(x, x.shape, torch.empty(x.shape).stride(), x.storage_offset())
+    return _silu(raw).contiguous()
+
+
+def _writes_input(x):  # scribbles on its input
+    y = _silu(x).contiguous()
+    if x.numel():
+        try:
+            x.add_(0.5)
+        except RuntimeError:  # an expanded (self-overlapping) view cannot be written
+            pass
+    return y
+
+
+def _wrong_nan(x):  # turns NaN into 0 (a kernel computing max(x, 0) and friends)
+    return torch.nan_to_num(_silu(x), nan=0.0).contiguous()
+
+
+for _name, _fn in (
+    ("silu_tail", _tail),
+    ("silu_strides", _strides),
+    ("silu_writes_input", _writes_input),
+    ("silu_wrong_nan", _wrong_nan),
+):
+    _selftest.impl(_name, _fn, "CPU")
+
+
+@pytest.mark.parametrize(
+    "planted", ["silu_tail", "silu_strides", "silu_writes_input", "silu_wrong_nan"]
+)
+def test_checker_catches_planted_bug(planted):
+    spec = dataclasses.replace(SPECS["silu"], name=planted, namespace="metalcore_selftest")
+    cpu = bk.backend("cpu")
+    for seed in range(200):
+        try:
+            bk.check_sample(spec, cpu, sample(spec, seed))
+        except bk.Mismatch:
+            return
+    pytest.fail(f"{planted}: 200 samples passed the checker")
