@@ -147,4 +147,43 @@ def _adamw(
     amsgrad=False,
     maximize=False,
 ):
+    # Same structural checks as the kernels (values such as lr are not readable here), so that
+    # tracing and mixed-device calls that land on the Meta kernel fail like eager calls do.
+    op = "adamw"
+    n = len(params)
+    lists = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps)
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(
+                f"metalcore.{op}: '{name}' must have one tensor per param ({n}), got {len(lst)}"
+            )
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise ValueError(
+            f"metalcore.{op}: 'max_exp_avg_sqs' must have one tensor per param ({n}) when "
+            f"amsgrad=True, got {len(max_exp_avg_sqs)}"
+        )
+    if not amsgrad and len(max_exp_avg_sqs) != 0:
+        raise ValueError(
+            f"metalcore.{op}: 'max_exp_avg_sqs' must be empty when amsgrad=False, got "
+            f"{len(max_exp_avg_sqs)} tensor(s)"
+        )
+    for i, p in enumerate(params):
+        g = grads[i]
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"metalcore.{op}: 'grads[{i}]' must have the same dtype as 'params[{i}]' "
+                f"({p.dtype}), got {g.dtype}"
+            )
+        states = {"grads": g, "exp_avgs": exp_avgs[i], "exp_avg_sqs": exp_avg_sqs[i]}
+        if amsgrad:
+            states["max_exp_avg_sqs"] = max_exp_avg_sqs[i]
+        _check_same_device(op, f"params[{i}]", p, **{f"{k}[{i}]": t for k, t in states.items()})
+        for k, t in states.items():
+            torch._check(
+                t.shape == p.shape,
+                lambda k=k, t=t, p=p, i=i: (
+                    f"metalcore.{op}: '{k}[{i}]' must have the same shape as "
+                    f"'params[{i}]' {list(p.shape)}, got {list(t.shape)}"
+                ),
+            )
     return None

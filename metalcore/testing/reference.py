@@ -135,3 +135,48 @@ def rmsnorm_backward(
         per_row = g * xd * r
         dw = per_row.sum(tuple(range(x.dim() - 1))) if x.dim() > 1 else per_row
     return dx, dw
+
+
+@torch.no_grad()
+def adamw_step_reference(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    state_steps,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step in place, with torch.optim.AdamW's math done in float64 and each updated
+    tensor rounded once to its stored dtype (what a fused kernel computing in high precision
+    does). Increments ``state_steps`` and uses the new value, like ``metalcore.adamw_step``."""
+    lr = float(lr)
+    f64 = torch.float64
+    for i, p in enumerate(params):
+        state_steps[i] += 1
+        step = float(state_steps[i])
+        g = grads[i].to(f64)
+        if maximize:
+            g = -g
+        p64 = p.to(f64) * (1 - lr * weight_decay)
+        m = exp_avgs[i].to(f64).lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].to(f64) * beta2 + (1 - beta2) * g * g
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        # The update sees the moments as stored.
+        m = exp_avgs[i].to(f64)
+        v = exp_avg_sqs[i].to(f64)
+        if amsgrad:
+            v = torch.maximum(max_exp_avg_sqs[i].to(f64), v)
+            max_exp_avg_sqs[i].copy_(v)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+        p.copy_(p64 - (lr / bias_correction1) * (m / denom))
