@@ -21,13 +21,19 @@ ninja -C "$BUILD" -j "${METALCORE_JOBS:-2}" >/dev/null
 echo "sanitize: built in $((SECONDS - start))s"
 
 # Python itself is not instrumented, so the ASan runtime must be loaded first (LD_PRELOAD), from
-# the same compiler that built the library.
+# the same compiler that built the library. The C++ runtime is preloaded with it: the python
+# binary does not link libstdc++, and ASan resolves the real __cxa_throw when it starts, so
+# without it the first C++ exception (any TORCH_CHECK) aborts with "CHECK failed ...
+# real___cxa_throw".
 CXX_USED=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
 ASAN_RT=$("$CXX_USED" -print-file-name=libasan.so)
-[ -f "$ASAN_RT" ] || { echo "sanitize: no ASan runtime for $CXX_USED" >&2; exit 1; }
+CXX_RT=$("$CXX_USED" -print-file-name=libstdc++.so)
+for f in "$ASAN_RT" "$CXX_RT"; do
+  [ -e "$f" ] || { echo "sanitize: $f not found for $CXX_USED" >&2; exit 1; }
+done
 
 export METALCORE_LIBRARY="$PWD/$BUILD/libmetalcore_ops.so"
-export LD_PRELOAD="$ASAN_RT"
+export LD_PRELOAD="$ASAN_RT $CXX_RT"
 # detect_leaks=0: CPython's own allocations at exit are reported as leaks (per-call leaks are the
 # job of tests/reliability/test_leaks.py). malloc_fill_byte=255: fresh allocations read as NaN
 # in every float dtype, so a kernel that leaves output elements unwritten fails the comparison.
