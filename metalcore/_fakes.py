@@ -118,13 +118,88 @@ def _swiglu_backward(grad_out, gate, up):
 # --- RoPE --------------------------------------------------------------------------------------
 
 
+def _check_rope(op: str, q_name: str, q, k_name: str, k, cos, sin) -> None:
+    # The same checks, in the same order and wording, as csrc/rope/rope.h.
+    _check_same_device(op, q_name, q, **{k_name: k, "cos": cos, "sin": sin})
+    if k.dtype != q.dtype:
+        raise TypeError(
+            f"metalcore.{op}: '{k_name}' must have the same dtype as '{q_name}' ({q.dtype}), "
+            f"got {k.dtype}"
+        )
+    reduced = q.dtype in (torch.float16, torch.bfloat16)
+    if not (cos.dtype == q.dtype or (reduced and cos.dtype == torch.float32)):
+        raise TypeError(
+            f"metalcore.{op}: 'cos' must have the same dtype as '{q_name}' ({q.dtype})"
+            f"{' or float32' if reduced else ''}, got {cos.dtype}"
+        )
+    if sin.dtype != cos.dtype:
+        raise TypeError(
+            f"metalcore.{op}: 'sin' must have the same dtype as 'cos' ({cos.dtype}), "
+            f"got {sin.dtype}"
+        )
+    for name, t in ((q_name, q), (k_name, k)):
+        torch._check(
+            t.dim() == 4,
+            lambda t=t, name=name: (
+                f"metalcore.{op}: '{name}' must be 4-D "
+                f"[batch, heads, seq, head_dim], got shape {list(t.shape)}"
+            ),
+        )
+    b, s, d = q.shape[0], q.shape[2], q.shape[3]
+    torch._check(
+        k.shape[0] == b and k.shape[2] == s and k.shape[3] == d,
+        lambda: (
+            f"metalcore.{op}: '{k_name}' must have the batch, seq and head_dim of "
+            f"'{q_name}' {list(q.shape)}, got shape {list(k.shape)}"
+        ),
+    )
+    torch._check(
+        cos.dim() in (2, 3),
+        lambda: (
+            f"metalcore.{op}: 'cos' must be 2-D [seq, rot] or 3-D [batch or 1, seq, rot], "
+            f"got shape {list(cos.shape)}"
+        ),
+    )
+    torch._check(
+        sin.shape == cos.shape,
+        lambda: (
+            f"metalcore.{op}: 'sin' must have the same shape as 'cos' {list(cos.shape)}, "
+            f"got {list(sin.shape)}"
+        ),
+    )
+    torch._check(
+        cos.shape[-2] == s,
+        lambda: (
+            f"metalcore.{op}: 'cos' must have seq = {s} (dim 2 of '{q_name}') in dim -2, "
+            f"got shape {list(cos.shape)}"
+        ),
+    )
+    if cos.dim() == 3:
+        torch._check(
+            cos.shape[0] == 1 or cos.shape[0] == b,
+            lambda: (
+                f"metalcore.{op}: 'cos' must have batch 1 or {b} in dim 0, "
+                f"got shape {list(cos.shape)}"
+            ),
+        )
+    rot = cos.shape[-1]
+    torch._check(
+        rot % 2 == 0 and rot <= d,
+        lambda: (
+            f"metalcore.{op}: 'cos' last dim (rot) must be even and <= head_dim = {d}, got {rot}"
+        ),
+    )
+
+
 @register_fake("metalcore::rope")
 def _rope(q, k, cos, sin, interleaved=False):
+    _check_rope("rope", "q", q, "k", k, cos, sin)
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 @register_fake("metalcore::rope_backward")
 def _rope_backward(grad_q_out, grad_k_out, cos, sin, interleaved=False):
+    _check_rope("rope_backward", "grad_q_out", grad_q_out, "grad_k_out", grad_k_out, cos, sin)
     return grad_q_out.new_empty(grad_q_out.shape), grad_k_out.new_empty(grad_k_out.shape)
 
 

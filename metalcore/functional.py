@@ -74,8 +74,14 @@ def rope(
         interleaved: ``False`` pairs feature ``i`` with ``i + rot/2`` (Llama/HF "rotate_half");
             ``True`` pairs ``2i`` with ``2i+1`` (GPT-J).
 
-    Returns ``(q_rotated, k_rotated)``. Gradients flow to ``q`` and ``k``; ``cos``/``sin`` must
-    not require grad.
+    Returns ``(q_rotated, k_rotated)``, contiguous, in q's dtype. Gradients flow to ``q`` and
+    ``k``; ``cos``/``sin`` must not require grad (an error, not a silently dropped gradient).
+
+    dtypes: q and k float16, bfloat16, float32 or float64 (the same); cos/sin the same dtype, or
+    float32 with float16/bfloat16 q/k (exact angles for long contexts). Math is float32 (float64
+    for float64), rounded once, so 16-bit results can differ from Hugging Face's by an ulp
+    (HF rounds after each multiply and the add). q/k may be any strided views with a unit stride
+    on ``head_dim`` (e.g. ``[batch, seq, heads, head_dim].transpose(1, 2)``) without a copy.
     """
     return _ops.rope(q, k, cos, sin, interleaved)
 

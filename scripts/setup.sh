@@ -11,6 +11,8 @@ VENV=${METALCORE_VENV:-.venv}
 # msim (the Metal-on-CPU simulator used by the kernel tests) needs clang-19 and Boost.Context.
 need_apt=()
 command -v clang++-19 >/dev/null || need_apt+=(clang-19 libclang-rt-19-dev)
+# llvm-symbolizer-19 turns msim's fault and race reports into .metal file:line.
+command -v llvm-symbolizer-19 >/dev/null || need_apt+=(llvm-19)
 [ -e /usr/include/boost/context/fiber.hpp ] || need_apt+=(libboost-context-dev)
 command -v ninja >/dev/null || need_apt+=(ninja-build)
 if [ ${#need_apt[@]} -gt 0 ]; then

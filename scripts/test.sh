@@ -9,8 +9,16 @@ export PATH="$PWD/$VENV/bin:$PATH"
 echo "== lint"
 ruff check .
 ruff format --check .
-git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.mm' 'kernels/*.metal' 'kernels/*.h' \
+git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'csrc/*.mm' 'kernels/*.metal' 'kernels/*.h' \
+  'msim/*.h' 'msim/*.cpp' \
   | xargs -r clang-format --dry-run --Werror
+
+echo "== Metal kernels under msim: strict address-space lint"
+# msim must run in CI: a missing clang would silently skip every kernel test.
+command -v clang++-19 >/dev/null || { echo "clang++-19 missing (scripts/setup.sh installs it)" >&2; exit 1; }
+if compgen -G "kernels/*.metal" >/dev/null; then
+  python -m msim check kernels/ -I kernels
+fi
 
 echo "== tests"
 python -m pytest -q -n 2 --dist loadfile "$@"

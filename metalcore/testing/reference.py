@@ -180,3 +180,64 @@ def adamw_step_reference(
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         denom = v.sqrt() / bias_correction2_sqrt + eps
         p.copy_(p64 - (lr / bias_correction1) * (m / denom))
+
+
+# --- RoPE --------------------------------------------------------------------------------------
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """transformers' rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: Tensor) -> Tensor:
+    """transformers' GPT-J rotate_every_two: pairs (2i, 2i+1) -> (-x[2i+1], x[2i])."""
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def _apply_rotary(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int, rotate
+) -> tuple[Tensor, Tensor]:
+    # [B, S, R] tables broadcast over heads after unsqueeze(1); [S, R] tables broadcast as they are.
+    if cos.dim() == 3:
+        cos = cos.unsqueeze(unsqueeze_dim)
+        sin = sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+    # Partial rotary (as transformers' partial-rotary models): rotate the first `rot` features,
+    # pass the rest through.
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_embed = (q_rot * cos) + (rotate(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate(k_rot) * sin)
+    return torch.cat((q_embed, q_pass), dim=-1), torch.cat((k_embed, k_pass), dim=-1)
+
+
+def hf_apply_rotary_pos_emb(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+) -> tuple[Tensor, Tensor]:
+    """transformers' Llama apply_rotary_pos_emb (rotate_half), written out, in the inputs' dtype.
+
+    q: [B, Hq, S, D], k: [B, Hk, S, D]; cos/sin: [B or 1, S, R] (or [S, R]), R <= D.
+    """
+    return _apply_rotary(q, k, cos, sin, unsqueeze_dim, rotate_half)
+
+
+def gptj_apply_rotary_pos_emb(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+) -> tuple[Tensor, Tensor]:
+    """GPT-J's interleaved rotary (rotate_every_two) with per-position cos/sin, in the HF layout."""
+    return _apply_rotary(q, k, cos, sin, unsqueeze_dim, rotate_every_two)
+
+
+def rope(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False
+) -> tuple[Tensor, Tensor]:
+    """metalcore.rope's reference: computed in float64, returned in q/k's dtype."""
+    fn = gptj_apply_rotary_pos_emb if interleaved else hf_apply_rotary_pos_emb
+    acc = torch.float64
+    q_out, k_out = fn(q.to(acc), k.to(acc), cos.to(acc), sin.to(acc))
+    return q_out.to(q.dtype), k_out.to(k.dtype)
