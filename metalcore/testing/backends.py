@@ -140,6 +140,8 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, what: 
     fi = torch.finfo(actual.dtype)
     floor = 4 * fi.smallest_normal * fi.eps
     scale = _scale(e, tol.per_row) if tol.scale is None else tol.scale.double()
+    # A non-finite scale would accept anything; those elements must then match exactly.
+    scale = torch.nan_to_num(scale, nan=0.0, posinf=0.0, neginf=0.0)
     atol = tol.atol * scale + floor
     with torch.no_grad():
         close = (a - e).abs() <= atol + tol.rtol * e.abs()

@@ -810,6 +810,10 @@ def _autograd_swiglu(args, kwargs):
 # --- RoPE --------------------------------------------------------------------------------------
 
 ROPE_HEAD_DIMS = (2, 4, 6, 8, 16, 18, 32, 34, 64, 66, 128)
+# Outputs are x * cos + y * sin in float32 opmath: a product beyond 3e38 overflows there (as in
+# the unfused float32 formula) where the float64 reference stays finite, so special magnitudes
+# stay at 1e18 (products up to 1e36).
+_ROPE_LARGE = 1e18
 
 
 def _draw_rope_args(d: Drawer, q_name: str, k_name: str) -> Sample:
@@ -824,16 +828,60 @@ def _draw_rope_args(d: Drawer, q_name: str, k_name: str) -> Sample:
         hd = d.choice(ROPE_HEAD_DIMS, label="head_dim")
     # rot: full, half (partial rotary), the smallest pair, or none (pure pass-through).
     rot = d.choice(sorted({hd, 2 * max(1, hd // 4), 2, 0}, reverse=True), label="rot")
-    q = draw_layout(d, draw_values(d, (b, hq, s, hd), dtype, q_name), LAYOUTS, q_name)
-    k = draw_layout(d, draw_values(d, (b, hk, s, hd), dtype, k_name), LAYOUTS, k_name)
+    q = draw_layout(
+        d,
+        draw_values(d, (b, hq, s, hd), dtype, q_name, large=_ROPE_LARGE),
+        LAYOUTS,
+        q_name,
+    )
+    k = draw_layout(
+        d,
+        draw_values(d, (b, hk, s, hd), dtype, k_name, large=_ROPE_LARGE),
+        LAYOUTS,
+        k_name,
+    )
     reduced = dtype in (torch.float16, torch.bfloat16)
     tdtype = torch.float32 if reduced and d.boolean(label="fp32_tables") else dtype
     form = d.choice(["2d", "3d", "batch1"], label="table_form")
     tshape = {"2d": (s, rot), "3d": (b, s, rot), "batch1": (1, s, rot)}[form]
     # Arbitrary (not rotation-shaped) tables, so every coefficient position is exercised.
-    cos = draw_layout(d, draw_values(d, tshape, tdtype, "cos"), LAYOUTS, "cos")
-    sin = draw_layout(d, draw_values(d, tshape, tdtype, "sin"), LAYOUTS, "sin")
+    cos = draw_layout(
+        d,
+        draw_values(d, tshape, tdtype, "cos", large=_ROPE_LARGE),
+        LAYOUTS,
+        "cos",
+    )
+    sin = draw_layout(
+        d,
+        draw_values(d, tshape, tdtype, "sin", large=_ROPE_LARGE),
+        LAYOUTS,
+        "sin",
+    )
     return Sample([q, k, cos, sin, d.boolean(label="interleaved")], dtype=dtype)
+
+
+def _rope_terms(x: TensorArg, cos: TensorArg, sin: TensorArg, interleaved: bool, transposed: bool):
+    """|x| * |cos| + |rotate(x)| * |sin| (|rotate(sin)| for the transposed map): the magnitude of
+    the two products each output sums, which its rounding error follows (their difference can
+    be far smaller than either)."""
+    rotate = ref.rotate_every_two if interleaved else ref.rotate_half
+    c, s = cos.values.double(), sin.values.double()
+    if c.dim() == 3:
+        c, s = c.unsqueeze(1), s.unsqueeze(1)
+    rot = c.shape[-1]
+    xd = x.values.double()
+    xr, xp = xd[..., :rot], xd[..., rot:]
+    s_term = rotate(s).abs() if transposed else s.abs()
+    return torch.cat((xr.abs() * c.abs() + rotate(xr).abs() * s_term, xp.abs()), dim=-1)
+
+
+def _rope_tol(transposed: bool):
+    def tol(sample: Sample, index: int) -> Tolerance:
+        t = ELEMENTWISE_TOL[sample.dtype]
+        x, cos, sin, interleaved = sample.args[index], *sample.args[2:5]
+        return Tolerance(t.rtol, t.atol, scale=_rope_terms(x, cos, sin, interleaved, transposed))
+
+    return tol
 
 
 def _ref_rope(q, k, cos, sin, interleaved):
@@ -1218,7 +1266,7 @@ def _build() -> dict[str, OpSpec]:
             "rope",
             lambda d: _draw_rope_args(d, "q", "k"),
             _ref_rope,
-            _tol_table(ELEMENTWISE_TOL),
+            _rope_tol(transposed=False),
             rope_bad["rope"],
             autograd=_autograd_rope,
         ),
@@ -1226,7 +1274,7 @@ def _build() -> dict[str, OpSpec]:
             "rope_backward",
             lambda d: _draw_rope_args(d, "grad_q_out", "grad_k_out"),
             _ref_rope_backward,
-            _tol_table(ELEMENTWISE_TOL),
+            _rope_tol(transposed=True),
             rope_bad["rope_backward"],
         ),
         OpSpec(

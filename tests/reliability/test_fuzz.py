@@ -7,8 +7,8 @@ hypothesis draws shapes, dtypes, memory layouts, storage offsets and special val
 outputs must match the float64 reference within the op's per-dtype tolerance, with inputs left
 untouched and outputs freshly written (allocations are NaN-poisoned while the op runs).
 
-Example counts: ``METALCORE_FUZZ_EXAMPLES`` (default: 4x the hypothesis profile's max_examples,
-40 per op and backend in CI); the ``long`` profile (METALCORE_HYPOTHESIS_PROFILE=long) is the
+Example counts: ``METALCORE_FUZZ_EXAMPLES`` (default: 5x the hypothesis profile's max_examples,
+50 per op and backend in CI); the ``long`` profile (METALCORE_HYPOTHESIS_PROFILE=long) is the
 on-demand deep run. A failure prints the sample and a ``@reproduce_failure`` blob, and is kept in
 the hypothesis example database, so the next run retries it first.
 """
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from metalcore.testing import backends as bk
 from metalcore.testing.op_specs import SPECS, HypothesisDrawer, registered_ops, sample
 
-FUZZ_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_EXAMPLES", 4 * settings.default.max_examples))
+FUZZ_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_EXAMPLES", 5 * settings.default.max_examples))
 
 
 def test_every_registered_op_has_a_spec():
