@@ -13,10 +13,11 @@ PY=$(command -v "$PY")
 BUILD=${METALCORE_SANITIZE_BUILD:-build-sanitize}
 
 start=$SECONDS
-# -O1 -g: readable sanitizer stacks and a short build; the kernels use explicit at::vec vectors,
-# so their vector paths and tails are the same code as in the release build.
+# -O1 -g1: file:line sanitizer stacks (line tables only) and a short build; the kernels use
+# explicit at::vec vectors, so their vector paths and tails are the same code as in a release
+# build.
 cmake -S . -B "$BUILD" -G Ninja -DPython_EXECUTABLE="$PY" -DMETALCORE_SANITIZE=ON \
-  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g -DNDEBUG" >/dev/null
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" >/dev/null
 ninja -C "$BUILD" -j "${METALCORE_JOBS:-2}" >/dev/null
 echo "sanitize: built in $((SECONDS - start))s"
 
