@@ -1,112 +1,170 @@
-"""Benchmark metalcore.rope on CPU against the eager Hugging Face formulation and its
-torch.compile, forward, backward and forward+backward.
-
-    python bench/bench_rope.py --dtype bf16 --repeats 10
-"""
+"""rope (Hugging Face layout, GQA): metalcore vs HF apply_rotary_pos_emb eager, torch.compile of
+it, and Liger-Kernel. Byte model: 2 * (q + k) per direction (cos/sin are L2-resident)."""
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 
+try:
+    from . import _harness as h
+except ImportError:
+    import _harness as h
+
 import metalcore
-from metalcore.testing import reference as ref
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+ops = torch.ops.metalcore
 
 
-def hf_tables(b: int, s: int, d: int, dtype: torch.dtype):
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    freqs = torch.arange(s, dtype=torch.float32)[None, :, None].expand(b, s, 1) * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def hf_rope(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb with rotate_half (cos/sin [B or 1, S, D])."""
+
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def fwd_fn(fn):
-    def make(q, k, cos, sin, g_q, g_k):
-        return lambda: fn(q, k, cos, sin)
+class _RopeFn(torch.autograd.Function):
+    """Autograd over metalcore.rope / rope_backward, used only where the library has no rope
+    autograd kernel registered (the rope family's autograd lands with its CPU kernels)."""
 
-    return make
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return ops.rope(q, k, cos, sin, False)
 
-
-def grad_fn(fn):
-    """Backward only: the graph is built once and replayed (retain_graph)."""
-
-    def make(q, k, cos, sin, g_q, g_k):
-        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-        outs = fn(q, k, cos, sin)
-        return lambda: torch.autograd.grad(outs, (q, k), (g_q, g_k), retain_graph=True)
-
-    return make
-
-
-def fwd_bwd_fn(fn):
-    def make(q, k, cos, sin, g_q, g_k):
-        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-        return lambda: torch.autograd.grad(fn(q, k, cos, sin), (q, k), (g_q, g_k))
-
-    return make
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        if gk is None:
+            gk = torch.zeros_like(gq[:, :1]).expand(gq.shape[0], 0, *gq.shape[2:])
+        dq, dk = ops.rope_backward(gq.contiguous(), gk.contiguous(), cos, sin, False)
+        return dq, dk, None, None
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", choices=sorted(DTYPES), action="append")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--batch", type=int, action="append")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = p.parse_args()
-    dtypes = args.dtype or ["bf16", "fp32"]
-    batches = args.batch or [1, 2]
-    hq, hk, s, d = 32, 8, 2048, 128
-
-    def metalcore_fn(q, k, cos, sin):
-        return metalcore.rope(q, k, cos, sin)
-
-    impls = {"eager": ref.hf_apply_rotary_pos_emb, "metalcore": metalcore_fn}
-    if not args.no_compile:
-        impls["compile"] = torch.compile(ref.hf_apply_rotary_pos_emb, fullgraph=True)
-
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, Hq={hq} Hk={hk} S={s} D={d}"
-    )
-    print(f"{'dtype':>5} {'B':>2} {'pass':>8} {'impl':>10} {'ms':>9} {'GB/s':>7} {'speedup':>8}")
-    for name in dtypes:
-        dtype = DTYPES[name]
-        for b in batches:
-            q = torch.randn(b, hq, s, d, dtype=dtype)
-            k = torch.randn(b, hk, s, d, dtype=dtype)
-            cos, sin = hf_tables(b, s, d, dtype)
-            g_q, g_k = torch.randn_like(q), torch.randn_like(k)
-            # One pass reads q, k, cos, sin and writes q_out, k_out.
-            nbytes = (2 * (q.numel() + k.numel()) + 2 * cos.numel()) * q.element_size()
-            passes = {"fwd": (fwd_fn, 1), "bwd": (grad_fn, 1), "fwd+bwd": (fwd_bwd_fn, 2)}
-            for pass_name, (maker, n_pass) in passes.items():
-                base = {}
-                for impl, fn in impls.items():
-                    run = maker(fn)(q, k, cos, sin, g_q, g_k)
-                    ms = median_ms(run, args.repeats)
-                    base[impl] = ms
-                    gbs = n_pass * nbytes / (ms * 1e-3) / 1e9
-                    speedup = base["eager"] / ms
-                    print(
-                        f"{name:>5} {b:>2} {pass_name:>8} {impl:>10} {ms:9.2f} {gbs:7.1f} "
-                        f"{'' if impl == 'eager' else f'{speedup:7.2f}x':>8}"
-                    )
+def metalcore_rope():
+    q = torch.randn(1, 1, 2, 4, requires_grad=True)
+    cs = torch.ones(2, 4)
+    try:
+        out = ops.rope(q, q.detach(), cs, cs, False)[0]
+        native = out.grad_fn is not None
+    except Exception:  # noqa: BLE001  (no CPU kernel in this build)
+        native = torch._C._dispatch_has_kernel_for_dispatch_key("metalcore::rope", "Autograd")
+    if native:
+        return (lambda q, k, c, s: metalcore.rope(q, k, c, s)), ""
+    return (lambda q, k, c, s: _RopeFn.apply(q, k, c, s)), "python autograd wrapper over the ops"
 
 
-if __name__ == "__main__":
-    main()
+def shape(device: str, quick: bool):
+    if device == "cuda":
+        return (4, 32, 8, 4096, 128) if not quick else (2, 32, 8, 2048, 128)
+    if device == "mps":
+        return (2, 32, 8, 2048, 128)
+    return (1, 8, 2, 256, 64)
+
+
+def run(suite: h.Suite) -> None:
+    dev = suite.device
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    es = torch.finfo(dtype).bits // 8
+    b, hq, hk, s, d = shape(dev, suite.quick)
+    case = f"B{b} Hq{hq} Hk{hk} S{s} D{d}"
+    qk = b * (hq + hk) * s * d
+    ang = torch.rand(1, s, d // 2, device=dev) * 6.28
+    cos = torch.cat((ang.cos(), ang.cos()), -1).to(dtype)
+    sin = torch.cat((ang.sin(), ang.sin()), -1).to(dtype)
+
+    def make():
+        # HF produces q/k as transposed views of [B, S, H, D] projections.
+        q = torch.randn(b, s, hq, d, device=dev, dtype=dtype).transpose(1, 2).requires_grad_()
+        k = torch.randn(b, s, hk, d, device=dev, dtype=dtype).transpose(1, 2).requires_grad_()
+        return q, k, cos, sin
+
+    def make_contiguous():
+        # Backward timings use contiguous leaves: a transposed leaf would add a layout-restoring
+        # copy in AccumulateGrad to every provider's time.
+        q = torch.randn(b, hq, s, d, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(b, hk, s, d, device=dev, dtype=dtype, requires_grad=True)
+        return q, k, cos, sin
+
+    provs = {"eager": hf_rope, "compile": h.compiled(hf_rope)}
+    note = ""
+    if h.has_kernel("rope", dev):
+        mc, note = metalcore_rope()
+        provs = {"metalcore": mc, **provs}
+    else:
+        print(f"  rope: no metalcore kernel for {dev} in this build")
+    if (h.try_liger() if dev == "cuda" else None) is not None:
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        provs["liger"] = lambda q, k, c, s_: LigerRopeFunction.apply(q, k, c, s_)
+    for name, fn in provs.items():
+
+        def both(q, k, c, s_, fn=fn):
+            qo, ko = fn(q, k, c, s_)
+            return (_Join.apply(qo, ko),)
+
+        nt = note if name == "metalcore" else ""
+        h.timed_directions(
+            suite,
+            "rope",
+            case,
+            name,
+            dtype,
+            make,
+            both,
+            2 * qk * es,
+            2 * qk * es,
+            2 * qk * es,
+            ("fwd",),
+            note="q/k transposed views" + (f"; {nt}" if nt else ""),
+        )
+        h.timed_directions(
+            suite,
+            "rope",
+            case,
+            name,
+            dtype,
+            make_contiguous,
+            both,
+            2 * qk * es,
+            2 * qk * es,
+            2 * qk * es,
+            ("bwd", "fwd+bwd"),
+            note="contiguous q/k leaves" + (f"; {nt}" if nt else ""),
+        )
+
+    q = torch.randn(1, 2, 4, 16, device=dev)
+    c1 = torch.randn(4, 16, device=dev)
+    if h.has_kernel("rope", dev):
+        suite.host("rope", "metalcore", lambda: ops.rope(q, q, c1, c1, False), q)
+
+
+class _Join(torch.autograd.Function):
+    """Returns q_out as the value to backpropagate while routing a matching random gradient to
+    k_out, so backward() drives both outputs without an extra reduction kernel per direction."""
+
+    @staticmethod
+    def forward(ctx, qo, ko):
+        ctx.k_shape = ko.shape
+        ctx.k_meta = (ko.dtype, ko.device)
+        return qo.view_as(qo)
+
+    @staticmethod
+    def backward(ctx, gq):
+        dtype, device = ctx.k_meta
+        gk = _GK.get(ctx.k_shape, dtype, device)
+        return gq, gk
+
+
+class _GK:
+    cache: dict = {}
+
+    @classmethod
+    def get(cls, shape, dtype, device):
+        key = (tuple(shape), dtype, str(device))
+        if key not in cls.cache:
+            cls.cache[key] = torch.randn(*shape, dtype=dtype, device=device)
+        return cls.cache[key]

@@ -21,4 +21,8 @@ if compgen -G "kernels/*.metal" >/dev/null; then
 fi
 
 echo "== tests"
+# The Metal-path tests (tests/metal) must run rather than skip, and a full run must dispatch
+# every kernel host name compiled from kernels/ at least once (msim coverage).
+export METALCORE_REQUIRE_MSIM=1
+if [ $# -eq 0 ]; then export METALCORE_REQUIRE_COVERAGE=1; fi
 python -m pytest -q -n 2 --dist loadfile "$@"

@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import metalcore  # noqa: F401  (registers the ops)
+from tests.metal.coverage import pytest_configure, pytest_sessionfinish  # noqa: F401  (msim gate)
 
 # Hypothesis profiles: "ci" keeps the suite within its time budget on 2 cores; "long" is the
 # on-demand fuzz profile (METALCORE_HYPOTHESIS_PROFILE=long).

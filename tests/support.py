@@ -30,14 +30,16 @@ def assert_close(actual, expected, dtype=None, **overrides):
     torch.testing.assert_close(actual, expected.to(actual.dtype), **tol)
 
 
-def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+def make_layout(t: torch.Tensor, layout: str, device=None) -> torch.Tensor:
     """Same values as ``t`` in another memory layout: 'contiguous', 'offset' (a view with a
     storage offset), 'transposed' (non-contiguous, leading dims swapped) or 'strided' (every
-    other element of the last dim)."""
+    other element of the last dim); on ``device`` (default: t's)."""
+    device = t.device if device is None else torch.device(device)
+    t = t.to(device)
     if layout == "contiguous":
         return t.contiguous()
     if layout == "offset":
-        buf = torch.empty(t.numel() + 7, dtype=t.dtype)
+        buf = torch.empty(t.numel() + 7, dtype=t.dtype, device=device)
         v = buf[7:].view(t.shape)
         v.copy_(t)
         return v
@@ -46,7 +48,7 @@ def make_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
             return t
         return t.transpose(0, -1).contiguous().transpose(0, -1)
     if layout == "strided":
-        big = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
+        big = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=device)
         v = big[..., ::2]
         v.copy_(t)
         return v

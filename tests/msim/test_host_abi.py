@@ -71,7 +71,8 @@ def test_coverage_cli_fails_on_undispatched_kernels(tmp_path, lib):
     lib.dispatch("silu_float", [x, x.copy(), 4], (4,), threads=(4,))
     assert "silu_float" in lib.coverage()
     cov = tmp_path / "cov.txt"
-    cov.write_text("\n".join(sorted(lib.coverage())) + "\n")
+    # Only this dispatch counts: other tests in this process share the library's coverage.
+    cov.write_text("silu_float\n")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     out = subprocess.run(
         [sys.executable, "-m", "msim", "coverage", str(KERNELS / "elementwise.metal"), str(cov)],

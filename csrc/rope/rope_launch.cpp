@@ -1,0 +1,103 @@
+// RoPE launch layer: q and k keep their strides (unit stride on head_dim only), outputs are
+// contiguous; one dispatch per tensor (GQA: q and k have their own head counts). The backward is
+// the same kernel applying the transposed map.
+#include "rope/rope_launch.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "common/kernel_name.h"
+#include "kernels/rope.h"
+#include "rope/rope.h"
+
+namespace metalcore::launch {
+namespace {
+
+using namespace rope_k;
+
+std::string variant(bool interleaved, at::ScalarType x, at::ScalarType table) {
+  std::string v = interleaved ? "interleaved" : "halfsplit";
+  return table != x ? v + "_f32table" : v;
+}
+
+void encode(Encoder& enc, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+            const at::Tensor& out, int64_t rot, bool interleaved, bool transpose) {
+  if (x.numel() == 0) return;
+  Params p{};
+  p.in_stride_b = static_cast<uint64_t>(x.stride(0));
+  p.in_stride_h = static_cast<uint64_t>(x.stride(1));
+  p.in_stride_s = static_cast<uint64_t>(x.stride(2));
+  p.table_stride_b = cos.size(0) == 1 ? 0 : static_cast<uint64_t>(cos.stride(0));
+  p.table_stride_s = static_cast<uint64_t>(cos.stride(1));
+  p.heads = static_cast<uint32_t>(x.size(1));
+  p.seq = static_cast<uint32_t>(x.size(2));
+  p.head_dim = static_cast<uint32_t>(x.size(3));
+  p.rot = static_cast<uint32_t>(rot);
+  p.transpose = transpose ? 1u : 0u;
+  // x: rotated pairs then pass-through pairs; z: batch x groups of kHeadsPerThread heads.
+  const uint32_t cols = p.rot / 2 + (p.head_dim - p.rot + 1) / 2;
+  const int64_t z = x.size(0) * ceil_div(p.heads, kHeadsPerThread);
+  TORCH_CHECK_VALUE(z <= std::numeric_limits<uint32_t>::max(), "metalcore.rope: batch * heads ",
+                    "too large for one launch (", x.sizes(), ")");
+  enc.set_pipeline(kernel_name("rope", variant(interleaved, x.scalar_type(), cos.scalar_type()),
+                               x.scalar_type()));
+  const uint32_t limit = enc.max_threads_per_threadgroup();
+  const uint32_t tx = std::min({cols, kSimdWidth, limit});
+  const uint32_t ty = std::max(1u, std::min(p.seq, std::min(128u, limit) / tx));
+  enc.set_tensor(0, x);
+  enc.set_tensor(1, cos);
+  enc.set_tensor(2, sin);
+  enc.set_tensor(3, out);
+  enc.set_value(4, p);
+  enc.dispatch_threads({cols, p.seq, static_cast<uint32_t>(z)}, {tx, ty, 1});
+}
+
+std::tuple<at::Tensor, at::Tensor> run(Encoder& enc, const char* op, const char* q_arg,
+                                       const at::Tensor& q, const char* k_arg, const at::Tensor& k,
+                                       const at::Tensor& cos, const at::Tensor& sin,
+                                       bool interleaved, bool transpose) {
+  const rope::Dims d = rope::check_inputs(op, q_arg, q, k_arg, k, cos, sin);
+  check_metal_dtype(op, q_arg, q.scalar_type());
+  check_metal_dtype(op, "cos", cos.scalar_type());
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  const at::Tensor c = rope::as_table(cos), s = rope::as_table(sin);
+  TORCH_CHECK_VALUE(c.strides() == s.strides(), "metalcore.", op,
+                    ": 'cos' and 'sin' must have the same strides, got ", c.strides(), " and ",
+                    s.strides());
+  encode(enc, rope::unit_last_stride(q), c, s, q_out, d.rot, interleaved, transpose);
+  encode(enc, rope::unit_last_stride(k), c, s, k_out, d.rot, interleaved, transpose);
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rope(Encoder& enc, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& cos, const at::Tensor& sin,
+                                        bool interleaved) {
+  return run(enc, "rope", "q", q, "k", k, cos, sin, interleaved, /*transpose=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_backward(Encoder& enc, const at::Tensor& grad_q_out,
+                                                 const at::Tensor& grad_k_out,
+                                                 const at::Tensor& cos, const at::Tensor& sin,
+                                                 bool interleaved) {
+  return run(enc, "rope_backward", "grad_q_out", grad_q_out, "grad_k_out", grad_k_out, cos, sin,
+             interleaved, /*transpose=*/true);
+}
+
+std::vector<std::string> rope_kernel_names() {
+  std::vector<std::string> names;
+  for (bool interleaved : {false, true}) {
+    for (auto t : {at::kFloat, at::kHalf, at::kBFloat16}) {
+      names.push_back(kernel_name("rope", variant(interleaved, t, t), t));
+      if (t != at::kFloat)
+        names.push_back(kernel_name("rope", variant(interleaved, t, at::kFloat), t));
+    }
+  }
+  return names;
+}
+
+}  // namespace metalcore::launch

@@ -1,0 +1,1 @@
+"""Opt-in, reversible integrations with other libraries (Hugging Face transformers)."""

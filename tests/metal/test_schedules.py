@@ -1,0 +1,42 @@
+"""Schedule and memory fuzzing of every kernel family through the launch layer: reversed and
+random lane orders, random threadgroup order, and msim's uninitialised-threadgroup-memory check.
+A kernel that depends on an execution order Metal does not guarantee fails here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import test_activation, test_adamw, test_rmsnorm, test_rope
+
+SCHEDULES = [
+    {"lane_order": "reverse", "tg_order": "reverse", "uninit_check": "1"},
+    {"lane_order": "random", "tg_order": "random", "seed": "7", "uninit_check": "1"},
+]
+DEFAULTS = {"lane_order": "forward", "tg_order": "forward", "uninit_check": "0"}
+
+
+@pytest.fixture(params=SCHEDULES, ids=["reverse", "random"])
+def schedule(mops, max_threads, request):
+    max_threads(64)  # several simdgroups per threadgroup and every variant at small sizes
+    for key, value in request.param.items():
+        mops.set_option(key, value)
+    yield
+    for key, value in DEFAULTS.items():
+        mops.set_option(key, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_family(mops, schedule, dtype):
+    for n in (150, 300):  # single and looped at 64 threads
+        test_rmsnorm.check_forward(mops, "cpu", (9,), n, dtype, "offset", True, True)
+        test_rmsnorm.check_backward(mops, "cpu", (17,), n, dtype, "strided", True, True)
+    test_activation.check_activation(mops, "cpu", "swiglu", (3, 333), dtype, "offset")
+    test_activation.check_activation(mops, "cpu", "gelu_none", (1025,), dtype, "contiguous")
+    case = dict(b=2, hq=5, hk=2, s=3, d=18, rot=12, dtype=dtype, table="3d", fp32_table=True)
+    test_rope.check_rope(mops, "cpu", dict(case, layout="heads_transposed", interleaved=True))
+    # AdamW has no threadgroup memory, and the uninitialised-memory check reruns a dispatch,
+    # which cannot restore tensors it updates in place through metadata pointers.
+    mops.set_option("uninit_check", "0")
+    specs = [(n, dtype, torch.float32) for n in (0, 5, 4097)] * 30
+    test_adamw.check_adamw(mops, "cpu", specs, amsgrad=True, maximize=False, steps=2)
