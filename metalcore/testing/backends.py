@@ -3,21 +3,26 @@ reference.
 
 Backends are pluggable: each says whether it can run at all on this machine and whether a given
 op has a kernel there, with a reason when not, so tests skip (never silently pass) what cannot
-run. ``cpu`` always runs. ``msim`` runs the Metal kernels in the simulator through a test-only op
-library (same schemas, namespace :data:`MSIM_NAMESPACE`, CPU tensors in and out) when one is
-loaded or named by ``METALCORE_MSIM_LIBRARY``. ``cuda`` and ``mps`` run where torch has the device
-and metalcore has a kernel for its dispatch key.
+run. ``cpu`` always runs. ``msim`` runs the Metal kernels in the simulator through the test-only
+op library (same schemas, namespace :data:`MSIM_NAMESPACE`, CPU tensors in and out;
+``libmetalcore_msim_ops`` next to the package or named by ``METALCORE_MSIM_LIBRARY``) when msim
+and clang-19 are present; the kernels are compiled from ``kernels/`` by msim, as the Metal-path
+tests do. ``cuda`` and ``mps`` run where torch has the device and metalcore has a kernel for its
+dispatch key.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .op_specs import OpSpec, Sample, Tolerance
+from .op_specs import OpSpec, Sample, TensorArg, Tolerance
 
 # Namespace of the simulator's test-only ops (the Metal kernels run on CPU tensors).
 MSIM_NAMESPACE = "metalcore_msim"
@@ -29,6 +34,18 @@ class Backend:
     device: str
     dispatch_key: str | None = None  # None: ops come from another namespace (msim)
     namespace: str | None = None  # None: the spec's own namespace
+    # Metal has no float64; the simulator runs one fiber per GPU thread, so its samples stay small.
+    dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    max_numel: int | None = None
+
+    def supports(self, sample: Sample) -> str | None:
+        """Why this backend cannot run ``sample`` (a dtype it lacks, a size it is too slow
+        for), or None."""
+        if sample.dtype not in self.dtypes:
+            return f"{self.name} has no {sample.dtype}"
+        if self.max_numel is not None and _numel(sample) > self.max_numel:
+            return f"{self.name} runs at most {self.max_numel} elements per sample"
+        return None
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run here, or None."""
@@ -40,7 +57,7 @@ class Backend:
             mps = getattr(torch.backends, "mps", None)
             return None if mps is not None and mps.is_available() else "no MPS device"
         if self.name == "msim":
-            return None if _load_msim() else f"no simulator op library ({MSIM_NAMESPACE}::*)"
+            return _load_msim()
         return f"unknown backend {self.name}"
 
     def op_unavailable(self, op: str) -> str | None:
@@ -62,11 +79,13 @@ class Backend:
         return spec.overload(self.namespace)(*args, **kwargs)
 
 
+_NO_FP64 = (torch.float32, torch.float16, torch.bfloat16)
+
 BACKENDS = [
     Backend("cpu", "cpu", "CPU"),
-    Backend("msim", "cpu", None, MSIM_NAMESPACE),
+    Backend("msim", "cpu", None, MSIM_NAMESPACE, _NO_FP64, max_numel=1 << 15),
     Backend("cuda", "cuda", "CUDA"),
-    Backend("mps", "mps", "MPS"),
+    Backend("mps", "mps", "MPS", dtypes=_NO_FP64),
 ]
 
 
@@ -79,17 +98,58 @@ def _ops_in(namespace: str) -> set[str]:
     }
 
 
-_msim_tried = False
+_msim_state: dict[str, str | None] = {}
 
 
-def _load_msim() -> bool:
-    global _msim_tried
-    if not _msim_tried:
-        _msim_tried = True
-        path = os.environ.get("METALCORE_MSIM_LIBRARY")
-        if path:
-            torch.ops.load_library(path)
-    return bool(_ops_in(MSIM_NAMESPACE))
+def _msim_library() -> Path | None:
+    env = os.environ.get("METALCORE_MSIM_LIBRARY")
+    if env:
+        return Path(env)
+    from metalcore import _library
+
+    for folder in {p.parent for p in _library._candidates()}:
+        path = folder / "libmetalcore_msim_ops.so"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_msim() -> str | None:
+    """Loads the simulator's test ops and the Metal kernels compiled by msim (as the Metal-path
+    tests do); returns why that is impossible here, or None once loaded."""
+    if "reason" in _msim_state:
+        return _msim_state["reason"]
+    reason = None
+    kernels = Path(__file__).resolve().parents[2] / "kernels"
+    if os.environ.get("METALCORE_FUZZ_MSIM") != "1":
+        # Opt-in until the fuzzer's samples have been run through the Metal kernels once.
+        reason = "msim fuzzing is opt-in: set METALCORE_FUZZ_MSIM=1"
+    elif importlib.util.find_spec("msim") is None:
+        reason = "msim is not importable"
+    elif not (shutil.which("clang++-19") or shutil.which("clang++")):
+        reason = "msim needs clang-19"
+    elif not kernels.is_dir():
+        reason = "no kernels/ sources (msim runs from a source checkout)"
+    elif _msim_library() is None:
+        reason = f"no simulator op library ({MSIM_NAMESPACE}, libmetalcore_msim_ops)"
+    else:
+        import msim
+
+        if not _ops_in(MSIM_NAMESPACE):
+            torch.ops.load_library(str(_msim_library()))
+        ops = getattr(torch.ops, MSIM_NAMESPACE)
+        ops.load_kernels(str(msim.build([kernels], include_dirs=[kernels])))
+        ops.set_option("guard", "1")  # buffers next to guard pages: out-of-range accesses fault
+    _msim_state["reason"] = reason
+    return reason
+
+
+def _numel(sample: Sample) -> int:
+    total = 0
+    for a in list(sample.args) + list(sample.kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else [a]
+        total += sum(t.values.numel() for t in items if isinstance(t, TensorArg))
+    return total
 
 
 @contextmanager

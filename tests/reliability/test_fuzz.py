@@ -20,13 +20,14 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, note, settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 from metalcore.testing import backends as bk
 from metalcore.testing.op_specs import SPECS, HypothesisDrawer, registered_ops, sample
 
 FUZZ_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_EXAMPLES", 5 * settings.default.max_examples))
+MSIM_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_MSIM_EXAMPLES", settings.default.max_examples))
 
 
 def test_every_registered_op_has_a_spec():
@@ -48,29 +49,54 @@ def test_every_op_has_bad_input_cases():
     assert all(spec.bad_inputs for spec in SPECS.values())
 
 
-@pytest.mark.parametrize("backend", [b.name for b in bk.BACKENDS])
-@pytest.mark.parametrize("op", sorted(SPECS))
-@settings(max_examples=FUZZ_EXAMPLES)
-@given(data=st.data())
-def test_matches_float64_reference(op, backend, data):
-    # Module-level @given under parametrize: hypothesis keys its example database by test id,
-    # so a saved failure replays for the op and backend it came from.
+def _fuzz_one(op, backend, data):
     spec, be = SPECS[op], bk.backend(backend)
     why = be.op_unavailable(op)
     if why:
         pytest.skip(why)
     sample = spec.draw(HypothesisDrawer(data))
+    assume(be.supports(sample) is None)
     note(f"sample: {sample.describe()}")
     bk.check_sample(spec, be, sample)
 
 
-def test_portable_cpu_kernels_in_a_fresh_process():
-    """The kernels are compiled per CPU capability and the choice is made once per process, so
-    the portable (non-AVX2) variant runs in a child with ATEN_CPU_CAPABILITY=default."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+# Module-level @given under parametrize: hypothesis keys its example database by test id, so a
+# saved failure replays for the op and backend it came from.
+@pytest.mark.parametrize("backend", [b.name for b in bk.BACKENDS if b.name != "msim"])
+@pytest.mark.parametrize("op", sorted(SPECS))
+@settings(max_examples=FUZZ_EXAMPLES)
+@given(data=st.data())
+def test_matches_float64_reference(op, backend, data):
+    _fuzz_one(op, backend, data)
+
+
+# The simulator runs one fiber per GPU thread: fewer, smaller samples (Backend.max_numel).
+@pytest.mark.parametrize("op", sorted(SPECS))
+@settings(max_examples=MSIM_EXAMPLES)
+@given(data=st.data())
+def test_msim_matches_float64_reference(op, data):
+    _fuzz_one(op, "msim", data)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_other_cpu_kernel_builds_in_a_fresh_process(capability):
+    """The kernels are compiled per CPU capability and the choice follows ATen's, once per
+    process, so the portable and AVX2 builds (which an AVX512 machine never picks by itself)
+    run in a child with ATEN_CPU_CAPABILITY set."""
+    if capability != "default" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     seeds = os.environ.get("METALCORE_SMOKE_SEEDS", "12")
     proc = subprocess.run(
-        [sys.executable, "-m", "metalcore.testing.smoke", "--seeds", seeds, "--expect-default"],
+        [
+            sys.executable,
+            "-m",
+            "metalcore.testing.smoke",
+            "--seeds",
+            seeds,
+            "--expect-capability",
+            capability,
+        ],
         env=env,
         capture_output=True,
         text=True,
