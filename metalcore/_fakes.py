@@ -22,14 +22,16 @@ def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> N
             )
 
 
-def _check_rmsnorm_weight(op: str, input: torch.Tensor, weight: torch.Tensor | None) -> None:
-    _check_same_device(op, "input", input, weight=weight)
+def _check_rmsnorm_weight(
+    op: str, input: torch.Tensor, weight: torch.Tensor | None, input_name: str = "input"
+) -> None:
+    _check_same_device(op, input_name, input, weight=weight)
     if weight is not None:
         torch._check(
             weight.dim() == 1 and weight.shape[0] == input.shape[-1],
             lambda: (
                 f"metalcore.{op}: 'weight' must have shape [{input.shape[-1]}] "
-                f"(the last dim of 'input'), got {list(weight.shape)}"
+                f"(the last dim of '{input_name}'), got {list(weight.shape)}"
             ),
         )
 
@@ -62,7 +64,7 @@ def _fused_add_rmsnorm(input, residual, weight, eps):
 
 @register_fake("metalcore::fused_add_rmsnorm_backward")
 def _fused_add_rmsnorm_backward(grad_out, grad_residual_out, residual_out, weight, eps):
-    _check_rmsnorm_weight("fused_add_rmsnorm_backward", residual_out, weight)
+    _check_rmsnorm_weight("fused_add_rmsnorm_backward", residual_out, weight, "residual_out")
     n = residual_out.shape[-1] if weight is not None else 0
     return residual_out.new_empty(residual_out.shape), residual_out.new_empty((n,))
 

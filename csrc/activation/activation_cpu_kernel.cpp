@@ -89,12 +89,16 @@ void gelu_backward(const at::Tensor& grad_out, const at::Tensor& x, bool tanh_ap
     const V<T> half{A<T>(0.5)}, one{A<T>(1)};
     if (tanh_approx) {
       const V<T> k{A<T>(kSqrt2OverPi)}, c{A<T>(kTanhCoef)}, c3{A<T>(3 * kTanhCoef)};
+      // 1 - t^2 is exactly 0 once |x| > ~10, so capping x^2 in the last factor changes nothing
+      // but keeps it finite: for |x| > 1.8e19, x^2 overflows and 0 * inf would give NaN.
+      const V<T> x2_cap{A<T>(1e4)};
       elementwise<T, 2, 1>(x.numel(), in, out, [&](const std::array<V<T>, 2>& v) {
         // u = k (x + c x^3), t = tanh(u): d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
         const V<T>& xv = v[1];
         const V<T> x2 = xv * xv;
         const V<T> t = (k * (xv + c * x2 * xv)).tanh();
-        const V<T> d = half * (one + t) + half * xv * (one - t * t) * k * (one + c3 * x2);
+        const V<T> poly = one + c3 * at::vec::minimum(x2, x2_cap);
+        const V<T> d = half * (one + t) + half * xv * (one - t * t) * k * poly;
         return std::array<V<T>, 1>{v[0] * d};
       });
     } else {
@@ -132,8 +136,11 @@ void swiglu_backward(const at::Tensor& grad_out, const at::Tensor& gate, const a
           const V<T> one{A<T>(1)};
           const V<T> s = sigmoid<T>(v[1]);
           const V<T> silu = v[1] * s;
-          // d gate = g * up * s (1 + gate (1 - s)); d up = g * silu(gate)
-          return std::array<V<T>, 2>{v[0] * v[2] * s * (one + v[1] * (one - s)), v[0] * silu};
+          // d gate = g * up * s (1 + gate (1 - s)); d up = g * silu(gate). The derivative
+          // factor (|.| <= 1.1) multiplies g before up does: g * up alone can overflow to inf
+          // where the gradient itself is finite.
+          const V<T> dsilu = s * (one + v[1] * (one - s));
+          return std::array<V<T>, 2>{(v[0] * dsilu) * v[2], v[0] * silu};
         });
   });
 }

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rmsnorm_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& residual_out, const std::optional<at::Tensor>& weight, double eps) {
   const char* op = "fused_add_rmsnorm_backward";
-  const int64_t n = rmsnorm::check_inputs(op, residual_out, weight, eps);
+  const int64_t n = rmsnorm::check_inputs(op, residual_out, weight, eps, "residual_out");
   check_same_device(op, "grad_out", grad_out, "residual_out", residual_out);
   check_same_dtype(op, "grad_out", grad_out, "residual_out", residual_out);
   check_same_shape(op, "grad_out", grad_out, "residual_out", residual_out);

@@ -97,72 +97,92 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(n, 1));
   auto sum = [](V& a, V& b) { return a + b; };
 
-  // grad_weight = sum over rows of g * x * rstd: each thread accumulates its own row of
-  // partials (no atomics, deterministic for a fixed thread count), reduced at the end.
-  const int64_t nthreads = at::get_num_threads();
+  // grad_weight = sum over rows of g * x * rstd. Rows are cut into at most kMaxBlocks fixed
+  // blocks, each accumulating its own row of partials (no atomics), and the partials are summed
+  // in block order: the blocks depend only on the shape, so the result is bitwise the same for
+  // any thread count (per-thread partials changed with torch.set_num_threads).
+  constexpr int64_t kMaxBlocks = 64;
+  const int64_t block_rows = std::max(row_grain(n), (rows + kMaxBlocks - 1) / kMaxBlocks);
+  const int64_t nblocks = (rows + block_rows - 1) / block_rows;
   at::Tensor dw_partial;
   acc_t* dwp = nullptr;
   if (wp != nullptr) {
-    dw_partial = at::zeros({nthreads, n}, x.options().dtype(c10::CppTypeToScalarType<acc_t>()));
+    dw_partial = at::zeros({nblocks, n}, x.options().dtype(c10::CppTypeToScalarType<acc_t>()));
     dwp = dw_partial.mutable_data_ptr<acc_t>();
   }
 
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-    acc_t* dw = dwp ? dwp + at::get_thread_num() * n : nullptr;
-    for (int64_t row = begin; row < end; ++row) {
-      const T* gr = gp + row * gs;
-      const T* xr = xp + row * xs;
-      T* dxr = dxp + row * n;
-      // Pass 1: sum x^2 and sum (g * w) * x.
-      V ss0(acc_t(0)), ss1(acc_t(0)), dot0(acc_t(0)), dot1(acc_t(0));
-      for (int64_t j = 0; j < n; j += C) {
-        const int64_t c = std::min(C, n - j);
-        const bool full = c == C;
-        const Chunk<T> xv = load_chunk(xr + j, c, full);
-        Chunk<T> gv = load_chunk(gr + j, c, full);
-        if (wp != nullptr) {
-          const Chunk<T> w = load_chunk(wp + j, c, full);
-          gv = {gv.lo * w.lo, gv.hi * w.hi};
-        }
-        ss0 = at::vec::fmadd(xv.lo, xv.lo, ss0);
-        ss1 = at::vec::fmadd(xv.hi, xv.hi, ss1);
-        dot0 = at::vec::fmadd(gv.lo, xv.lo, dot0);
-        dot1 = at::vec::fmadd(gv.hi, xv.hi, dot1);
-      }
-      const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss0 + ss1);
-      const acc_t dot = at::vec::vec_reduce_all<acc_t>(sum, dot0 + dot1);
-      const acc_t rstd_s = acc_t(1) / std::sqrt(ss * inv_n + eps);
-      // dx = rstd * g * w - x * rstd^3 * mean(g * w * x)
-      const V rstd(rstd_s);
-      const V coef(dot * rstd_s * rstd_s * rstd_s * inv_n);
-      // Pass 2: dx, and this thread's grad_weight partials.
-      for (int64_t j = 0; j < n; j += C) {
-        const int64_t c = std::min(C, n - j);
-        const bool full = c == C;
-        const Chunk<T> xv = load_chunk(xr + j, c, full);
-        const Chunk<T> gv = load_chunk(gr + j, c, full);
-        Chunk<T> gw = gv;
-        if (wp != nullptr) {
-          const Chunk<T> w = load_chunk(wp + j, c, full);
-          gw = {gv.lo * w.lo, gv.hi * w.hi};
-          // dw[j..] += g * x * rstd, on the opmath partial row (split at the vector width).
-          const int64_t c_lo = std::min(L, c), c_hi = c - c_lo;
-          at::vec::fmadd(gv.lo, xv.lo * rstd, V::loadu(dw + j, c_lo)).store(dw + j, c_lo);
-          if (c_hi > 0) {
-            at::vec::fmadd(gv.hi, xv.hi * rstd, V::loadu(dw + j + L, c_hi)).store(dw + j + L, c_hi);
+  at::parallel_for(0, nblocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      acc_t* dw = dwp ? dwp + block * n : nullptr;
+      const int64_t begin = block * block_rows, end = std::min(rows, begin + block_rows);
+      for (int64_t row = begin; row < end; ++row) {
+        const T* gr = gp + row * gs;
+        const T* xr = xp + row * xs;
+        T* dxr = dxp + row * n;
+        // Pass 1: sum x^2 and sum (g * w) * x.
+        V ss0(acc_t(0)), ss1(acc_t(0)), dot0(acc_t(0)), dot1(acc_t(0));
+        for (int64_t j = 0; j < n; j += C) {
+          const int64_t c = std::min(C, n - j);
+          const bool full = c == C;
+          const Chunk<T> xv = load_chunk(xr + j, c, full);
+          Chunk<T> gv = load_chunk(gr + j, c, full);
+          if (wp != nullptr) {
+            const Chunk<T> w = load_chunk(wp + j, c, full);
+            gv = {gv.lo * w.lo, gv.hi * w.hi};
           }
+          ss0 = at::vec::fmadd(xv.lo, xv.lo, ss0);
+          ss1 = at::vec::fmadd(xv.hi, xv.hi, ss1);
+          dot0 = at::vec::fmadd(gv.lo, xv.lo, dot0);
+          dot1 = at::vec::fmadd(gv.hi, xv.hi, dot1);
         }
-        Chunk<T> dx = {gw.lo * rstd - xv.lo * coef, gw.hi * rstd - xv.hi * coef};
-        if (grp != nullptr) {
-          const Chunk<T> gres = load_chunk(grp + row * grs + j, c, full);
-          dx = {dx.lo + gres.lo, dx.hi + gres.hi};
+        const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss0 + ss1);
+        const acc_t dot = at::vec::vec_reduce_all<acc_t>(sum, dot0 + dot1);
+        const acc_t rstd_s = acc_t(1) / std::sqrt(ss * inv_n + eps);
+        // dx = rstd * g * w - x * rstd^3 * mean(g * w * x)
+        const V rstd(rstd_s);
+        const V coef(dot * rstd_s * rstd_s * rstd_s * inv_n);
+        // Pass 2: dx, and this block's grad_weight partials.
+        for (int64_t j = 0; j < n; j += C) {
+          const int64_t c = std::min(C, n - j);
+          const bool full = c == C;
+          const Chunk<T> xv = load_chunk(xr + j, c, full);
+          const Chunk<T> gv = load_chunk(gr + j, c, full);
+          Chunk<T> gw = gv;
+          if (wp != nullptr) {
+            const Chunk<T> w = load_chunk(wp + j, c, full);
+            gw = {gv.lo * w.lo, gv.hi * w.hi};
+            // dw[j..] += g * x * rstd, on the opmath partial row (split at the vector width).
+            const int64_t c_lo = std::min(L, c), c_hi = c - c_lo;
+            at::vec::fmadd(gv.lo, xv.lo * rstd, V::loadu(dw + j, c_lo)).store(dw + j, c_lo);
+            if (c_hi > 0) {
+              at::vec::fmadd(gv.hi, xv.hi * rstd, V::loadu(dw + j + L, c_hi))
+                  .store(dw + j + L, c_hi);
+            }
+          }
+          Chunk<T> dx = {gw.lo * rstd - xv.lo * coef, gw.hi * rstd - xv.hi * coef};
+          if (grp != nullptr) {
+            const Chunk<T> gres = load_chunk(grp + row * grs + j, c, full);
+            dx = {dx.lo + gres.lo, dx.hi + gres.hi};
+          }
+          store_chunk(dxr + j, dx, c);
         }
-        store_chunk(dxr + j, dx, c);
       }
     }
   });
 
-  if (wp != nullptr) grad_weight.copy_(dw_partial.sum(0));
+  if (wp != nullptr) {
+    // Column sums over the blocks in a fixed order (at::sum may split a reduction by threads).
+    at::Tensor dw_sum = at::empty({n}, dw_partial.options());
+    acc_t* sp = dw_sum.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) sp[j] = dwp[j];
+      for (int64_t b = 1; b < nblocks; ++b) {
+        const acc_t* pb = dwp + b * n;
+        for (int64_t j = begin; j < end; ++j) sp[j] += pb[j];
+      }
+    });
+    grad_weight.copy_(dw_sum);
+  }
 }
 
 }  // namespace

@@ -67,6 +67,76 @@ def hf_llama_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Ten
     return torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down)
 
 
+# --- Backward references (closed forms in float64) -------------------------------------------
+# Written as the documented derivative formulas rather than autograd of the forward references:
+# autograd expands them into sums of terms (g*s + g*x*s') that turn an infinite grad_out into
+# inf - inf = NaN even where the derivative is finite and non-zero.
+
+
+def _opmath_range(d: Tensor, dtype: torch.dtype) -> Tensor:
+    """Derivative factors as the kernels' opmath holds them: for float32, float16 and bfloat16
+    inputs the kernels compute in float32, where a factor below its normal range (sigmoid(-100),
+    exp(-x^2/2) for |x| > 13) is zero, so an infinite grad_out times it is NaN there."""
+    if dtype == torch.float64:
+        return d
+    return torch.where(d.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(d), d)
+
+
+def sigmoid_opmath(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """sigmoid in float64, with values below the normal range of the kernels' float32 opmath
+    flushed to 0 (for x < -87 the kernels' 1 / (1 + exp(-x)) is 0 there), for inputs of
+    ``dtype``."""
+    return _opmath_range(torch.sigmoid(x.double()), dtype)
+
+
+def silu_opmath(x: Tensor) -> Tensor:
+    """silu in float64 with the kernels' float32 sigmoid range (see :func:`sigmoid_opmath`)."""
+    return x.double() * sigmoid_opmath(x, x.dtype)
+
+
+def silu_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    xd = x.double()
+    s = sigmoid_opmath(xd, x.dtype)
+    return grad_out.double() * _opmath_range(s * (1.0 + xd * (1.0 - s)), x.dtype)
+
+
+def gelu_backward(grad_out: Tensor, x: Tensor, approximate: str = "none") -> Tensor:
+    xd = x.double()
+    if approximate == "tanh":
+        k = (2.0 / torch.pi) ** 0.5
+        t = torch.tanh(k * (xd + 0.044715 * xd.pow(3)))
+        # 1 - t^2 is exactly 0 for |x| > ~10: capping x^2 keeps 0 * inf (NaN) out for huge x.
+        x2 = (xd * xd).clamp(max=1e4)
+        d = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * x2)
+    else:
+        cdf = 0.5 * (1.0 + torch.erf(xd / 2.0**0.5))
+        d = cdf + xd * torch.exp(-0.5 * xd * xd) / (2.0 * torch.pi) ** 0.5
+    return grad_out.double() * _opmath_range(d, x.dtype)
+
+
+def swiglu_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    g, a = grad_out.double(), gate.double()
+    s = sigmoid_opmath(a, gate.dtype)
+    d = _opmath_range(s * (1.0 + a * (1.0 - s)), gate.dtype)
+    return g * d * up.double(), g * _opmath_range(a * s, gate.dtype)
+
+
+def rmsnorm_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor | None]:
+    """(grad_input, grad_weight) of rmsnorm: with r = rsqrt(mean(x^2) + eps) and gw = g * w,
+    dx = r * gw - x * r^3 * mean(gw * x) and dw = sum over rows of g * x * r."""
+    g, xd = grad_out.double(), x.double()
+    r = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    gw = g * weight.double() if weight is not None else g
+    dx = r * gw - xd * (r.pow(3) * (gw * xd).mean(-1, keepdim=True))
+    dw = None
+    if weight is not None:
+        per_row = g * xd * r
+        dw = per_row.sum(tuple(range(x.dim() - 1))) if x.dim() > 1 else per_row
+    return dx, dw
+
+
 @torch.no_grad()
 def adamw_step_reference(
     params,
