@@ -20,6 +20,9 @@ if compgen -G "kernels/*.metal" >/dev/null; then
   python -m msim check kernels/ -I kernels
 fi
 
+echo "== sanitizers (ASan + UBSan build, every op and CPU kernel build)"
+if [ $# -eq 0 ]; then bash scripts/sanitize.sh; fi
+
 echo "== tests"
 # The Metal-path tests (tests/metal) must run rather than skip, and a full run must dispatch
 # every kernel host name compiled from kernels/ at least once (msim coverage).
