@@ -33,6 +33,8 @@ struct TensorMeta {
 
 struct Params {
   float beta1, beta2, weight_decay, eps;
+  // 1 - beta computed in double on the host: 1.0f - float(0.999) is 1.3e-5 off relatively.
+  float one_minus_beta1, one_minus_beta2;
   float lr;  // used when flags & kLrOnHost
   unsigned num_tensors;
   unsigned flags;
@@ -41,7 +43,7 @@ struct Params {
 // Host and kernel must agree on these layouts byte for byte (they travel as set_bytes data).
 #ifndef __METAL_VERSION__
 static_assert(sizeof(TensorMeta) == 64 && kMaxTensors * sizeof(TensorMeta) <= 4096);
-static_assert(sizeof(Params) == 28);
+static_assert(sizeof(Params) == 36);
 #endif
 
 }  // namespace adamw_k

@@ -63,15 +63,19 @@ template <typename P, typename S>
     const float g = sign * float(grad[i]);
     float mv = float(exp_avg[i]);
     float vv = float(exp_avg_sq[i]);
-    mv += (1.0f - p.beta1) * (g - mv);  // torch's lerp form
-    vv = p.beta2 * vv + (1.0f - p.beta2) * g * g;
+    // torch's lerp: exact at weight 1 (beta1 = 0 gives m = g), stable on both halves.
+    const float w1 = p.one_minus_beta1;
+    mv = w1 < 0.5f ? mv + w1 * (g - mv) : g - (g - mv) * (1.0f - w1);
+    vv = p.beta2 * vv + p.one_minus_beta2 * g * g;
     // The update uses the moments as stored (rounded to S), as torch's in-place ops do.
     const S m_s = S(mv), v_s = S(vv);
     exp_avg[i] = m_s;
     exp_avg_sq[i] = v_s;
     float vd = float(v_s);
     if (amsgrad) {
-      vd = max(float(max_sq[i]), vd);
+      // torch.maximum propagates NaN; Metal's max() would drop it.
+      const float prev = float(max_sq[i]);
+      vd = (isnan(prev) || isnan(vd)) ? prev + vd : max(prev, vd);
       max_sq[i] = S(vd);
     }
     const float denom = precise::sqrt(vd) * k.z + p.eps;

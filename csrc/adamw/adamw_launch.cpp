@@ -54,6 +54,8 @@ void adamw(Encoder& enc, at::TensorList params, at::TensorList grads, at::Tensor
   Params p{};
   p.beta1 = static_cast<float>(beta1);
   p.beta2 = static_cast<float>(beta2);
+  p.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  p.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   p.weight_decay = static_cast<float>(weight_decay);
   p.eps = static_cast<float>(eps);
   p.flags = (amsgrad ? kAmsgrad : 0u) | (maximize ? kMaximize : 0u);
