@@ -48,8 +48,10 @@ struct GeluTanh {
   static float bwd(float g, float x) {
     const float x2 = x * x;
     const float t = precise::tanh(kSqrt2OverPi * (x + kTanhCoef * x2 * x));
-    return g * (0.5f * (1.0f + t) +
-                0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * x2));
+    // 1 - t^2 is exactly 0 once |x| > ~10, so capping x^2 in the last factor changes nothing but
+    // keeps it finite: past |x| = 1.8e19, x^2 overflows and 0 * inf would be NaN.
+    const float poly = 1.0f + 3.0f * kTanhCoef * min(x2, 1e4f);
+    return g * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * poly);
   }
 };
 
@@ -142,7 +144,9 @@ template <typename T>
     const ulong i = base + k * tpg;
     if (i < p.numel) {
       const float s = metalcore::sigmoid(a[k]);
-      grad_gate[i] = T(g[k] * b[k] * s * (1.0f + a[k] * (1.0f - s)));
+      // The derivative factor (|.| <= 1.1) scales g before up does: g * up alone can overflow
+      // where the gradient is finite.
+      grad_gate[i] = T((g[k] * (s * (1.0f + a[k] * (1.0f - s)))) * b[k]);
       grad_up[i] = T(g[k] * a[k] * s);
     }
   }
