@@ -1,10 +1,12 @@
-// CUDA kernels of rope / rope_backward (entry points in rope_cuda.cpp). One block per (batch,
-// position): cos/sin of that position are loaded once per thread and reused for every q and k head,
-// so the tables cost one read per token rather than one per head. Each thread owns one "slot" of
-// VEC features of a head (a pair of vectors i, i + rot/2 for the half-split layout, one vector of
-// adjacent pairs for GPT-J, or a pass-through vector past rot) and walks the heads. q/k may have
-// any strides with a unit head_dim stride (the HF [B, S, H, D] -> [B, H, S, D] transpose reads in
-// place); outputs are contiguous.
+// CUDA kernels of rope / rope_backward (entry points in rope_cuda.cpp). Each thread owns one
+// "slot" of VEC features of one head of one token: a pair of vectors i, i + rot/2 for the
+// half-split layout, one vector of adjacent pairs for GPT-J, or a pass-through vector past rot.
+// All of a thread's loads (q/k and its cos/sin values) are independent and go out together; the
+// tables are read through the read-only cache, where the heads of a token (the threads of a
+// block) share them, so they cost about one DRAM read per token. No shared memory, no barrier:
+// an earlier version staged each token's cos/sin in shared memory behind a barrier and topped out
+// at 2.2 TB/s (bench/results/NOTES-cuda.md). q/k may have any strides with a unit head_dim stride
+// (the HF [B, S, H, D] -> [B, H, S, D] transpose reads in place); outputs are contiguous.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -47,119 +49,143 @@ struct Strides {
   int64_t b, h, s;
 };
 
-template <typename T, typename C, int VEC, bool ALIGNED, bool INTERLEAVED, bool BWD>
-__global__ void __launch_bounds__(1024)
-    rope_kernel(const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks,
-                const C* __restrict__ cos, const C* __restrict__ sin, int64_t tb, int64_t ts,
-                int64_t sb, int64_t ss, T* __restrict__ qo, T* __restrict__ ko, int seq, int hq,
-                int hk, int d, int rot) {
-  using A = acc_t<T>;
-  const int64_t b = blockIdx.x / seq, s = blockIdx.x % seq;
-  const int half = rot / 2;
-  const int rslots = INTERLEAVED ? rot / VEC : half / VEC;
-  const int slots = rslots + (d - rot + VEC - 1) / VEC;
-  const int slot = threadIdx.x % slots;
-  const int heads_per_iter = blockDim.x / slots;
-  const int h0 = threadIdx.x / slots;
-
-  const bool rotated = slot < rslots;
-  // Feature offsets: e0 (and e1 = e0 + rot/2 for the half-split layout), or the pass-through.
-  const int e0 = rotated ? slot * VEC : rot + (slot - rslots) * VEC;
-  const int e1 = e0 + half;
-  const int valid = rotated ? VEC : min(VEC, d - e0);
-  const int heads = hq + hk;
-  const auto src = [&](int h) {
-    return h < hq ? q + b * qs.b + h * qs.h + s * qs.s : k + b * ks.b + (h - hq) * ks.h + s * ks.s;
-  };
-  const auto dst = [&](int h) {
-    return h < hq ? qo + ((b * hq + h) * seq + s) * d : ko + ((b * hk + h - hq) * seq + s) * d;
-  };
-
-  // The first head's inputs are requested before the table staging and its barrier.
-  T x0[VEC], x1[VEC];
-  if (h0 < heads) {
-    load<T, VEC, ALIGNED>(src(h0) + e0, x0, valid);
-    if (!INTERLEAVED && rotated) load<T, VEC, ALIGNED>(src(h0) + e1, x1);
-  }
-
-  // This position's cos/sin row, staged once in shared memory for every head of the block.
-  extern __shared__ unsigned char smem_raw[];
-  A* tc = reinterpret_cast<A*>(smem_raw);
-  A* tsn = tc + rot;
-  const C* cr = cos + b * tb + s * ts;
-  const C* sr = sin + b * sb + s * ss;
-  for (int i = threadIdx.x; i < rot; i += blockDim.x) {
-    tc[i] = static_cast<A>(cr[i]);
-    tsn[i] = static_cast<A>(sr[i]);
-  }
-  __syncthreads();
-
-  for (int h = h0; h < heads; h += heads_per_iter) {
-    T o0[VEC], o1[VEC];
-    if (!rotated) {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) o0[j] = x0[j];
-    } else if constexpr (INTERLEAVED) {
-#pragma unroll
-      for (int j = 0; j < VEC; j += 2) {
-        const A a = static_cast<A>(x0[j]), bb = static_cast<A>(x0[j + 1]);
-        if constexpr (BWD) {
-          o0[j] = T(a * tc[e0 + j] + bb * tsn[e0 + j + 1]);
-          o0[j + 1] = T(bb * tc[e0 + j + 1] - a * tsn[e0 + j]);
-        } else {
-          o0[j] = T(a * tc[e0 + j] - bb * tsn[e0 + j]);
-          o0[j + 1] = T(bb * tc[e0 + j + 1] + a * tsn[e0 + j + 1]);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const A a = static_cast<A>(x0[j]), bb = static_cast<A>(x1[j]);
-        if constexpr (BWD) {
-          // Transpose of the rotation: sin terms swap halves and sign.
-          o0[j] = T(a * tc[e0 + j] + bb * tsn[e1 + j]);
-          o1[j] = T(bb * tc[e1 + j] - a * tsn[e0 + j]);
-        } else {
-          o0[j] = T(a * tc[e0 + j] - bb * tsn[e0 + j]);
-          o1[j] = T(bb * tc[e1 + j] + a * tsn[e1 + j]);
-        }
-      }
-    }
-    T* y = dst(h);
-    const int hn = h + heads_per_iter;
-    if (hn < heads) {  // next head's loads go out before this head's stores
-      load<T, VEC, ALIGNED>(src(hn) + e0, x0, valid);
-      if (!INTERLEAVED && rotated) load<T, VEC, ALIGNED>(src(hn) + e1, x1);
-    }
-    store<T, VEC, ALIGNED>(y + e0, o0, valid);
-    if (!INTERLEAVED && rotated) store<T, VEC, ALIGNED>(y + e1, o1);
+// One table value through the read-only cache (__ldg has no overload for c10's 16-bit types).
+template <typename C>
+__device__ __forceinline__ C ldg_scalar(const C* p) {
+  if constexpr (sizeof(C) == 2) {
+    const unsigned short bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+    C c;
+    memcpy(&c, &bits, sizeof(C));
+    return c;
+  } else {
+    return __ldg(p);
   }
 }
 
-template <typename T, typename C, int VEC, bool ALIGNED, bool BWD>
+// VEC table values from p as accumulation type, through the read-only cache: 16-byte loads when
+// TALIGNED, else element by element.
+template <typename C, int VEC, bool TALIGNED, typename A>
+__device__ __forceinline__ void load_table(const C* p, A (&o)[VEC]) {
+  if constexpr (TALIGNED && (sizeof(C) * VEC) % 16 == 0) {
+    constexpr int kPer = 16 / sizeof(C);
+#pragma unroll
+    for (int c = 0; c < VEC / kPer; ++c) {
+      int4 r = __ldg(reinterpret_cast<const int4*>(p) + c);
+      const C* e = reinterpret_cast<const C*>(&r);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) o[c * kPer + j] = static_cast<A>(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[j] = static_cast<A>(ldg_scalar(p + j));
+  }
+}
+
+// Launch geometry: threads = slots x heads_per_block x tokens_per_block, grid = (token groups,
+// head groups).
+struct Geometry {
+  int slots, rslots, heads_per_block, tokens_per_block;
+};
+
+template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool INTERLEAVED, bool BWD>
+__global__ void __launch_bounds__(512)
+    rope_kernel(const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks,
+                const C* __restrict__ cos, const C* __restrict__ sin, int64_t tb, int64_t ts,
+                int64_t sb, int64_t ss, T* __restrict__ qo, T* __restrict__ ko, int tokens, int seq,
+                int hq, int hk, int d, int rot, Geometry g) {
+  using A = acc_t<T>;
+  const int slot = threadIdx.x % g.slots;
+  const int r = threadIdx.x / g.slots;
+  const int h = blockIdx.y * g.heads_per_block + r % g.heads_per_block;
+  const int tok = blockIdx.x * g.tokens_per_block + r / g.heads_per_block;
+  if (h >= hq + hk || tok >= tokens) return;
+  const int64_t b = tok / seq, s = tok % seq;
+
+  const int half = rot / 2;
+  const bool rotated = slot < g.rslots;
+  // Feature offsets: e0 (and e1 = e0 + rot/2 for the half-split layout), or the pass-through.
+  const int e0 = rotated ? slot * VEC : rot + (slot - g.rslots) * VEC;
+  const int e1 = e0 + half;
+  const int valid = rotated ? VEC : min(VEC, d - e0);
+  const T* x =
+      h < hq ? q + b * qs.b + h * qs.h + s * qs.s : k + b * ks.b + (h - hq) * ks.h + s * ks.s;
+  T* y = h < hq ? qo + ((b * hq + h) * seq + s) * d : ko + ((b * hk + h - hq) * seq + s) * d;
+
+  T x0[VEC], x1[VEC];
+  load<T, VEC, ALIGNED>(x + e0, x0, valid);
+  if (!rotated) {
+    store<T, VEC, ALIGNED>(y + e0, x0, valid);
+    return;
+  }
+  const C* cr = cos + b * tb + s * ts;
+  const C* sr = sin + b * sb + s * ss;
+  A c0[VEC], s0[VEC];
+  load_table<C, VEC, TALIGNED>(cr + e0, c0);
+  load_table<C, VEC, TALIGNED>(sr + e0, s0);
+  T o0[VEC];
+  if constexpr (INTERLEAVED) {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 2) {
+      const A a = static_cast<A>(x0[j]), bb = static_cast<A>(x0[j + 1]);
+      if constexpr (BWD) {  // transpose of the rotation
+        o0[j] = T(a * c0[j] + bb * s0[j + 1]);
+        o0[j + 1] = T(bb * c0[j + 1] - a * s0[j]);
+      } else {
+        o0[j] = T(a * c0[j] - bb * s0[j]);
+        o0[j + 1] = T(bb * c0[j + 1] + a * s0[j + 1]);
+      }
+    }
+    store<T, VEC, ALIGNED>(y + e0, o0);
+  } else {
+    load<T, VEC, ALIGNED>(x + e1, x1);
+    A c1[VEC], s1[VEC];
+    load_table<C, VEC, TALIGNED>(cr + e1, c1);
+    load_table<C, VEC, TALIGNED>(sr + e1, s1);
+    T o1[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A a = static_cast<A>(x0[j]), bb = static_cast<A>(x1[j]);
+      if constexpr (BWD) {  // transpose of the rotation: sin terms swap halves and sign
+        o0[j] = T(a * c0[j] + bb * s1[j]);
+        o1[j] = T(bb * c1[j] - a * s0[j]);
+      } else {
+        o0[j] = T(a * c0[j] - bb * s0[j]);
+        o1[j] = T(bb * c1[j] + a * s1[j]);
+      }
+    }
+    store<T, VEC, ALIGNED>(y + e0, o0);
+    store<T, VEC, ALIGNED>(y + e1, o1);
+  }
+}
+
+template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool BWD>
 void launch_kernel(bool interleaved, const T* q, Strides qs, const T* k, Strides ks, const C* cp,
                    const C* sp, int64_t tb, int64_t ts, int64_t sb, int64_t ss, T* qo, T* ko,
                    const rope::Dims& dm, cudaStream_t stream) {
-  const int rslots = interleaved ? dm.rot / VEC : dm.rot / 2 / VEC;
-  const int slots = rslots + static_cast<int>(cuda::ceil_div(dm.head_dim - dm.rot, VEC));
-  const int heads = static_cast<int>(dm.q_heads + dm.k_heads);
-  const size_t smem = 2 * static_cast<size_t>(dm.rot) * sizeof(acc_t<T>);
-  TORCH_CHECK(smem <= 48 * 1024, "metalcore.rope: rot too large");
-  // Two heads per thread: the second head's loads overlap the first head's math and stores.
-  const int per_iter = std::max(1, std::min<int>((heads + 1) / 2, 1024 / slots));
-  const int threads = slots * per_iter;
-  TORCH_CHECK(slots <= 1024, "metalcore.rope: head_dim too large");
-  const int64_t blocks = dm.batch * dm.seq;
-  TORCH_CHECK(blocks <= INT32_MAX, "metalcore.rope: batch * seq too large");
-  const int seq = static_cast<int>(dm.seq), hq = static_cast<int>(dm.q_heads),
-            hk = static_cast<int>(dm.k_heads), d = static_cast<int>(dm.head_dim),
-            rot = static_cast<int>(dm.rot);
+  Geometry g;
+  g.rslots = static_cast<int>(interleaved ? dm.rot / VEC : dm.rot / 2 / VEC);
+  g.slots = g.rslots + static_cast<int>(cuda::ceil_div(dm.head_dim - dm.rot, VEC));
+  TORCH_CHECK(g.slots <= 512, "metalcore.rope: head_dim too large");
+  const int64_t heads = dm.q_heads + dm.k_heads;
+  // About 256-512 threads per block: all heads of a token when they fit, several tokens per
+  // block when a token has few slots.
+  g.heads_per_block = static_cast<int>(std::min<int64_t>(heads, std::max(1, 512 / g.slots)));
+  g.tokens_per_block = std::max(1, 256 / (g.slots * g.heads_per_block));
+  const int threads = g.slots * g.heads_per_block * g.tokens_per_block;
+  const int64_t tokens = dm.batch * dm.seq;
+  TORCH_CHECK(tokens <= INT32_MAX && heads <= INT32_MAX, "metalcore.rope: batch * seq too large");
+  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(tokens, g.tokens_per_block)),
+                  static_cast<unsigned>(cuda::ceil_div(heads, g.heads_per_block)));
+  TORCH_CHECK(grid.y <= 65535, "metalcore.rope: too many heads");
+  const int nt = static_cast<int>(tokens), seq = static_cast<int>(dm.seq),
+            hq = static_cast<int>(dm.q_heads), hk = static_cast<int>(dm.k_heads),
+            d = static_cast<int>(dm.head_dim), rot = static_cast<int>(dm.rot);
   if (interleaved) {
-    rope_kernel<T, C, VEC, ALIGNED, true, BWD><<<blocks, threads, smem, stream>>>(
-        q, qs, k, ks, cp, sp, tb, ts, sb, ss, qo, ko, seq, hq, hk, d, rot);
+    rope_kernel<T, C, VEC, ALIGNED, TALIGNED, true, BWD><<<grid, threads, 0, stream>>>(
+        q, qs, k, ks, cp, sp, tb, ts, sb, ss, qo, ko, nt, seq, hq, hk, d, rot, g);
   } else {
-    rope_kernel<T, C, VEC, ALIGNED, false, BWD><<<blocks, threads, smem, stream>>>(
-        q, qs, k, ks, cp, sp, tb, ts, sb, ss, qo, ko, seq, hq, hk, d, rot);
+    rope_kernel<T, C, VEC, ALIGNED, TALIGNED, false, BWD><<<grid, threads, 0, stream>>>(
+        q, qs, k, ks, cp, sp, tb, ts, sb, ss, qo, ko, nt, seq, hq, hk, d, rot, g);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -178,23 +204,31 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const 
   const int64_t tb = cos.size(0) == 1 ? 0 : cos.stride(0), ts = cos.stride(1);
   const int64_t sb = sin.size(0) == 1 ? 0 : sin.stride(0), ss = sin.stride(1);
   const auto div = [](int64_t v, int64_t m) { return v % m == 0; };
-  // cos/sin go through shared memory, so only q/k (and the outputs) need 16-byte alignment.
   const bool aligned = div(interleaved ? dm.rot : dm.rot / 2, V) && div(dm.head_dim - dm.rot, V) &&
                        div(dm.head_dim, V) && cuda::aligned16(qp) && cuda::aligned16(kp) &&
                        div(qs.b, V) && div(qs.h, V) && div(qs.s, V) && div(ks.b, V) &&
                        div(ks.h, V) && div(ks.s, V);
+  // Tables in 16-byte pieces: VEC table values span a whole number of 16-byte words, each row
+  // starts on one.
+  constexpr int64_t kTableVec = 16 / sizeof(C);
+  const bool table_aligned = cuda::aligned16(cp) && cuda::aligned16(sp) && div(tb, kTableVec) &&
+                             div(ts, kTableVec) && div(sb, kTableVec) && div(ss, kTableVec) &&
+                             (sizeof(C) * V) % 16 == 0;
   T* qop = qo.mutable_data_ptr<T>();
   T* kop = ko.mutable_data_ptr<T>();
   const cudaStream_t stream = cuda::current_stream();
-  if (aligned) {
-    launch_kernel<T, C, V, true, BWD>(interleaved, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss, qop, kop,
-                                      dm, stream);
+  if (aligned && table_aligned) {
+    launch_kernel<T, C, V, true, true, BWD>(interleaved, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss,
+                                            qop, kop, dm, stream);
+  } else if (aligned) {
+    launch_kernel<T, C, V, true, false, BWD>(interleaved, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss,
+                                             qop, kop, dm, stream);
   } else if (interleaved) {
-    launch_kernel<T, C, 2, false, BWD>(true, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss, qop, kop, dm,
-                                       stream);
+    launch_kernel<T, C, 2, false, false, BWD>(true, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss, qop,
+                                              kop, dm, stream);
   } else {
-    launch_kernel<T, C, 1, false, BWD>(false, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss, qop, kop, dm,
-                                       stream);
+    launch_kernel<T, C, 1, false, false, BWD>(false, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss, qop,
+                                              kop, dm, stream);
   }
 }
 

@@ -208,6 +208,8 @@ ROPE_CASES = [
     (1, 32, 8, 64, 128, 128, 1),
     (2, 3, 1, 7, 64, 32, 2),  # partial rotary
     (1, 2, 2, 3, 10, 6, None),  # rot/2 odd: scalar path
+    (1, 7, 2, 3, 128, 64, None),  # odd head count with several heads per thread
+    (1, 33, 3, 2, 256, 256, None),  # heads split over two blocks
 ]
 
 
