@@ -1,10 +1,16 @@
-// Activation family: validation shared by every backend's entry point.
+// Activation family: validation and the entry points shared by the CPU and CUDA backends (the
+// Metal launch layer, activation_launch.cpp, adds Metal's own limits). Inputs of any layout are
+// read through a contiguous view (a copy only when not already contiguous); outputs are
+// contiguous; empty tensors launch nothing.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <string_view>
+#include <tuple>
 
+#include "common/backend.h"
 #include "common/checks.h"
 
 namespace metalcore::activation {
@@ -23,6 +29,94 @@ inline void check_like(const char* op, const char* arg, const at::Tensor& t, con
   check_same_device(op, arg, t, ref_arg, ref);
   check_same_dtype(op, arg, t, ref_arg, ref);
   check_same_shape(op, arg, t, ref_arg, ref);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points, written once for every backend B (see activation_cpu.cpp, activation_cuda.cpp):
+// B::Guard, and kernels on contiguous operands of one shape and dtype:
+//   silu(x, out)  silu_backward(grad_out, x, grad_in)
+//   gelu(x, tanh, out)  gelu_backward(grad_out, x, tanh, grad_in)
+//   swiglu(gate, up, out)  swiglu_backward(grad_out, gate, up, grad_gate, grad_up)
+
+inline at::Tensor new_like(const at::Tensor& t) { return at::empty(t.sizes(), t.options()); }
+
+template <typename B>
+at::Tensor silu(const at::Tensor& input) {
+  check_float("silu", "input", input);
+  const typename B::Guard guard(input.device());
+  at::Tensor out = new_like(input);
+  if (input.numel() > 0) B::silu(input.contiguous(), out);
+  return out;
+}
+
+template <typename B>
+at::Tensor silu_backward(const at::Tensor& grad_out, const at::Tensor& input) {
+  check_float("silu_backward", "input", input);
+  check_like("silu_backward", "grad_out", grad_out, "input", input);
+  const typename B::Guard guard(input.device());
+  at::Tensor grad_input = new_like(input);
+  if (input.numel() > 0) B::silu_backward(grad_out.contiguous(), input.contiguous(), grad_input);
+  return grad_input;
+}
+
+template <typename B>
+at::Tensor gelu(const at::Tensor& input, c10::string_view approximate) {
+  check_float("gelu", "input", input);
+  const bool tanh_approx = parse_approximate("gelu", approximate);
+  const typename B::Guard guard(input.device());
+  at::Tensor out = new_like(input);
+  if (input.numel() > 0) B::gelu(input.contiguous(), tanh_approx, out);
+  return out;
+}
+
+template <typename B>
+at::Tensor gelu_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                         c10::string_view approximate) {
+  check_float("gelu_backward", "input", input);
+  check_like("gelu_backward", "grad_out", grad_out, "input", input);
+  const bool tanh_approx = parse_approximate("gelu_backward", approximate);
+  const typename B::Guard guard(input.device());
+  at::Tensor grad_input = new_like(input);
+  if (input.numel() > 0) {
+    B::gelu_backward(grad_out.contiguous(), input.contiguous(), tanh_approx, grad_input);
+  }
+  return grad_input;
+}
+
+template <typename B>
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  check_float("swiglu", "gate", gate);
+  check_like("swiglu", "up", up, "gate", gate);
+  const typename B::Guard guard(gate.device());
+  at::Tensor out = new_like(gate);
+  if (gate.numel() > 0) B::swiglu(gate.contiguous(), up.contiguous(), out);
+  return out;
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad_out,
+                                                   const at::Tensor& gate, const at::Tensor& up) {
+  check_float("swiglu_backward", "gate", gate);
+  check_like("swiglu_backward", "up", up, "gate", gate);
+  check_like("swiglu_backward", "grad_out", grad_out, "gate", gate);
+  const typename B::Guard guard(gate.device());
+  at::Tensor grad_gate = new_like(gate), grad_up = new_like(up);
+  if (gate.numel() > 0) {
+    B::swiglu_backward(grad_out.contiguous(), gate.contiguous(), up.contiguous(), grad_gate,
+                       grad_up);
+  }
+  return {grad_gate, grad_up};
+}
+
+// Registers the family's six ops for backend B.
+template <typename B>
+void register_impls(torch::Library& m) {
+  m.impl("silu", &silu<B>);
+  m.impl("silu_backward", &silu_backward<B>);
+  m.impl("gelu", &gelu<B>);
+  m.impl("gelu_backward", &gelu_backward<B>);
+  m.impl("swiglu", &swiglu<B>);
+  m.impl("swiglu_backward", &swiglu_backward<B>);
 }
 
 }  // namespace metalcore::activation

@@ -1,5 +1,5 @@
-// CPU entry points of the activation family. Inputs of any layout are read through a
-// contiguous view (a copy only when the input is not already contiguous); outputs are contiguous.
+// CPU backend of the activation family: the shared entry points (activation.h) over the CPU
+// kernels.
 #include <torch/library.h>
 
 #include "activation/activation.h"
@@ -8,81 +8,30 @@
 namespace metalcore {
 namespace {
 
-using activation::check_like;
+using T = at::Tensor;
 
-at::Tensor new_like(const at::Tensor& t) { return at::empty(t.sizes(), t.options()); }
-
-at::Tensor silu_cpu(const at::Tensor& input) {
-  check_float("silu", "input", input);
-  at::Tensor out = new_like(input);
-  if (input.numel() > 0) METALCORE_CPU_DISPATCH(silu_forward, input.contiguous(), out);
-  return out;
-}
-
-at::Tensor silu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input) {
-  check_float("silu_backward", "input", input);
-  check_like("silu_backward", "grad_out", grad_out, "input", input);
-  at::Tensor grad_input = new_like(input);
-  if (input.numel() > 0) {
-    METALCORE_CPU_DISPATCH(silu_backward, grad_out.contiguous(), input.contiguous(), grad_input);
+struct CpuKernels {
+  using Guard = NoDeviceGuard;
+  static void silu(const T& x, const T& out) { METALCORE_CPU_DISPATCH(silu_forward, x, out); }
+  static void silu_backward(const T& g, const T& x, const T& gx) {
+    METALCORE_CPU_DISPATCH(silu_backward, g, x, gx);
   }
-  return grad_input;
-}
-
-at::Tensor gelu_cpu(const at::Tensor& input, c10::string_view approximate) {
-  check_float("gelu", "input", input);
-  const bool tanh_approx = activation::parse_approximate("gelu", approximate);
-  at::Tensor out = new_like(input);
-  if (input.numel() > 0) METALCORE_CPU_DISPATCH(gelu_forward, input.contiguous(), tanh_approx, out);
-  return out;
-}
-
-at::Tensor gelu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                             c10::string_view approximate) {
-  check_float("gelu_backward", "input", input);
-  check_like("gelu_backward", "grad_out", grad_out, "input", input);
-  const bool tanh_approx = activation::parse_approximate("gelu_backward", approximate);
-  at::Tensor grad_input = new_like(input);
-  if (input.numel() > 0) {
-    METALCORE_CPU_DISPATCH(gelu_backward, grad_out.contiguous(), input.contiguous(), tanh_approx,
-                           grad_input);
+  static void gelu(const T& x, bool tanh, const T& out) {
+    METALCORE_CPU_DISPATCH(gelu_forward, x, tanh, out);
   }
-  return grad_input;
-}
-
-at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  check_float("swiglu", "gate", gate);
-  check_like("swiglu", "up", up, "gate", gate);
-  at::Tensor out = new_like(gate);
-  if (gate.numel() > 0) {
-    METALCORE_CPU_DISPATCH(swiglu_forward, gate.contiguous(), up.contiguous(), out);
+  static void gelu_backward(const T& g, const T& x, bool tanh, const T& gx) {
+    METALCORE_CPU_DISPATCH(gelu_backward, g, x, tanh, gx);
   }
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_out,
-                                                       const at::Tensor& gate,
-                                                       const at::Tensor& up) {
-  check_float("swiglu_backward", "gate", gate);
-  check_like("swiglu_backward", "up", up, "gate", gate);
-  check_like("swiglu_backward", "grad_out", grad_out, "gate", gate);
-  at::Tensor grad_gate = new_like(gate), grad_up = new_like(up);
-  if (gate.numel() > 0) {
-    METALCORE_CPU_DISPATCH(swiglu_backward, grad_out.contiguous(), gate.contiguous(),
-                           up.contiguous(), grad_gate, grad_up);
+  static void swiglu(const T& gate, const T& up, const T& out) {
+    METALCORE_CPU_DISPATCH(swiglu_forward, gate, up, out);
   }
-  return {grad_gate, grad_up};
-}
+  static void swiglu_backward(const T& g, const T& gate, const T& up, const T& gg, const T& gu) {
+    METALCORE_CPU_DISPATCH(swiglu_backward, g, gate, up, gg, gu);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(metalcore, CPU, m) {
-  m.impl("silu", &silu_cpu);
-  m.impl("silu_backward", &silu_backward_cpu);
-  m.impl("gelu", &gelu_cpu);
-  m.impl("gelu_backward", &gelu_backward_cpu);
-  m.impl("swiglu", &swiglu_cpu);
-  m.impl("swiglu_backward", &swiglu_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(metalcore, CPU, m) { activation::register_impls<CpuKernels>(m); }
 
 }  // namespace metalcore

@@ -2,13 +2,14 @@
 // updates every tensor of the lists. Tensor pointers, sizes and chunk offsets travel in the
 // kernel's parameter block (no host-to-device copy, no host sync). Each block updates one chunk of
 // kChunk elements (one 16-byte-or-smaller vector per thread per array), finding its tensor by
-// binary search; small blocks that exit early keep ~1300 threads per SM resident. Measured on an
-// H100 (bench/results/NOTES-cuda.md): 2977 GB/s against 2823 for the previous persistent,
-// cooperative grid that walked many chunks per block with 78 registers per thread.
+// binary search; small blocks that exit early keep many threads per SM resident. Measured on an
+// H100 (bench/results/NOTES-cuda.md): 2810 GB/s in the suite, against 2783 for the previous
+// persistent cooperative grid (78 registers per thread); the same blocks without the step
+// sign-off reach 2977 GB/s in a standalone study, so the sign-off costs ~6%.
 //
-// Device step counters: every block reads its tensor's step, then signs off on a counter (zeroed by
-// a memset in the same stream); the block that signs off last increments the steps, so no block can
-// read an already-incremented one. lr is read on the device when it is a CUDA tensor, on the host
+// Device step counters: every block reads its tensor's step at its start; the last block to finish
+// (a counter zeroed by a memset in the same stream) increments them, so no block can read an
+// already-incremented step. lr is read on the device when it is a CUDA tensor, on the host
 // (no sync) when it is a CPU tensor.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -50,41 +51,20 @@ __global__ void __launch_bounds__(kThreads)
                  unsigned int* __restrict__ done) {
   using A = cuda::acc_t<P>;
   const int64_t w = blockIdx.x;
-  const bool work = w < meta.chunk_start[meta.n];
-  int lo = 0, hi = meta.n - 1;  // this chunk's tensor: the last t with chunk_start[t] <= w
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (meta.chunk_start[mid] <= w)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  const int t = lo;
-  P* p = static_cast<P*>(meta.p[t]);
-  const P* g = static_cast<const P*>(meta.g[t]);
-  S* m = static_cast<S*>(meta.m[t]);
-  S* v = static_cast<S*>(meta.v[t]);
-  S* mv = static_cast<S*>(meta.mv[t]);
-  const int64_t begin = (w - meta.chunk_start[t]) * kChunk;
-  const int64_t end = min(begin + kChunk, meta.numel[t]);
-  const int64_t i = begin + threadIdx.x * kVec;
-
-  // The thread's vectors are requested first; the step and lr reads overlap them.
-  const bool vec_path = work && meta.aligned[t] && i + kVec <= end;
-  cuda::Vec<P, kVec> pv, gv;
-  cuda::Vec<S, kVec> mvv, vv, xv;
-  if (vec_path) {
-    pv = cuda::load_vec<P, kVec>(p + i);
-    gv = cuda::load_vec_stream<P, kVec>(g + i);
-    mvv = cuda::load_vec<S, kVec>(m + i);
-    vv = cuda::load_vec<S, kVec>(v + i);
-    if constexpr (AMSGRAD) xv = cuda::load_vec<S, kVec>(mv + i);
-  }
-  const double lr_d = hp.lr_ptr == nullptr ? hp.lr
-                      : hp.lr_double       ? *static_cast<const double*>(hp.lr_ptr)
-                                     : static_cast<double>(*static_cast<const float*>(hp.lr_ptr));
-  double step = 1.0;
-  if (work) {
+  if (w < meta.chunk_start[meta.n]) {
+    const double lr_d = hp.lr_ptr == nullptr ? hp.lr
+                        : hp.lr_double       ? *static_cast<const double*>(hp.lr_ptr)
+                                       : static_cast<double>(*static_cast<const float*>(hp.lr_ptr));
+    int lo = 0, hi = meta.n - 1;  // last t with chunk_start[t] <= w
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (meta.chunk_start[mid] <= w)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    const int t = lo;
+    double step;
     if (meta.step[t] == nullptr) {
       step = meta.hstep[t];
     } else {
@@ -92,25 +72,20 @@ __global__ void __launch_bounds__(kThreads)
                              : static_cast<double>(*static_cast<const float*>(meta.step[t]))) +
              1.0;
     }
-  }
-
-  // Device steps: the block signs off once all its threads have read the step (the fence waits
-  // only for loads here: no store is outstanding yet). Thread 0 of the block that signs off last
-  // increments every counter at the end, so no block can read an incremented step.
-  bool last = false;
-  if (done != nullptr) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
-  }
-
-  if (work) {
-    // Bias corrections in double, like torch's reference.
+    // Bias corrections in double, like torch's reference, once per block.
     const A step_size = static_cast<A>(lr_d / (1.0 - pow(hp.beta1, step)));
     const A bc2_sqrt = static_cast<A>(sqrt(1.0 - pow(hp.beta2, step)));
     const A beta1 = static_cast<A>(hp.beta1), beta2 = static_cast<A>(hp.beta2);
     const A eps = static_cast<A>(hp.eps);
     const A decay = static_cast<A>(1.0 - lr_d * hp.wd);
+    P* p = static_cast<P*>(meta.p[t]);
+    const P* g = static_cast<const P*>(meta.g[t]);
+    S* m = static_cast<S*>(meta.m[t]);
+    S* v = static_cast<S*>(meta.v[t]);
+    S* mv = static_cast<S*>(meta.mv[t]);
+    const int64_t begin = (w - meta.chunk_start[t]) * kChunk;
+    const int64_t end = min(begin + kChunk, meta.numel[t]);
+
     auto update = [&](A& pa, A ga, A& ma, A& va, A& mva) {
       if (hp.maximize) ga = -ga;
       pa *= decay;
@@ -126,7 +101,14 @@ __global__ void __launch_bounds__(kThreads)
       pa -= step_size * ma / denom;
     };
 
-    if (vec_path) {
+    const int64_t i = begin + threadIdx.x * kVec;
+    if (meta.aligned[t] && i + kVec <= end) {
+      auto pv = cuda::load_vec<P, kVec>(p + i);
+      const auto gv = cuda::load_vec_stream<P, kVec>(g + i);
+      auto mvv = cuda::load_vec<S, kVec>(m + i);
+      auto vv = cuda::load_vec<S, kVec>(v + i);
+      cuda::Vec<S, kVec> xv;
+      if constexpr (AMSGRAD) xv = cuda::load_vec<S, kVec>(mv + i);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         A pa = static_cast<A>(pv.v[j]), ma = static_cast<A>(mvv.v[j]), va = static_cast<A>(vv.v[j]);
@@ -155,13 +137,23 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  if (done == nullptr) return;  // no device step counters
+  // Every thread of this block has read the step (above) before thread 0 signs off; the block
+  // that signs off last increments the counters.
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
   if (!last) return;
-  for (int u = 0; u < meta.n; ++u) {
-    if (meta.step[u] == nullptr) continue;
+  for (int t = threadIdx.x; t < meta.n; t += blockDim.x) {
+    if (meta.step[t] == nullptr) continue;
     if (hp.step_double) {
-      *static_cast<double*>(meta.step[u]) += 1.0;
+      *static_cast<double*>(meta.step[t]) += 1.0;
     } else {
-      *static_cast<float*>(meta.step[u]) += 1.0f;
+      *static_cast<float*>(meta.step[t]) += 1.0f;
     }
   }
 }

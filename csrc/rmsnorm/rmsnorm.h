@@ -1,10 +1,14 @@
-// RMSNorm family: input validation and layout shared by every backend's entry point.
+// RMSNorm family: input validation, layout and the entry points shared by the CPU and CUDA
+// backends (the Metal launch layer, rmsnorm_launch.cpp, adds Metal's own limits).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
+#include "common/backend.h"
 #include "common/checks.h"
 
 namespace metalcore::rmsnorm {
@@ -37,6 +41,100 @@ inline at::Tensor as_rows(const at::Tensor& t, int64_t n) {
 
 inline at::Tensor weight_or_undefined(const std::optional<at::Tensor>& weight) {
   return weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points, written once for every backend B (see rmsnorm_cpu.cpp, rmsnorm_cuda.cpp):
+//   B::Guard                         device guard type, constructed from the input's device
+//   B::forward(x, residual, weight, eps, out, residual_out)
+//   B::backward(grad_out, x, weight, grad_residual, eps, grad_input, grad_weight)
+// on [rows, n] views with a unit stride on n, contiguous outputs, undefined optional tensors.
+
+template <typename B>
+at::Tensor forward(const at::Tensor& input, const std::optional<at::Tensor>& weight, double eps) {
+  const int64_t n = check_inputs("rmsnorm", input, weight, eps);
+  const typename B::Guard guard(input.device());
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  if (input.numel() == 0) return out;
+  B::forward(as_rows(input, n), at::Tensor(), weight_or_undefined(weight), eps, out.view({-1, n}),
+             at::Tensor());
+  return out;
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> fused_add_forward(const at::Tensor& input,
+                                                     const at::Tensor& residual,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     double eps) {
+  const char* op = "fused_add_rmsnorm";
+  const int64_t n = check_inputs(op, input, weight, eps);
+  check_float(op, "residual", residual);
+  check_same_device(op, "residual", residual, "input", input);
+  check_same_dtype(op, "residual", residual, "input", input);
+  check_same_shape(op, "residual", residual, "input", input);
+  const typename B::Guard guard(input.device());
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  at::Tensor residual_out = at::empty(input.sizes(), input.options());
+  if (input.numel() == 0) return {out, residual_out};
+  B::forward(as_rows(input, n), as_rows(residual, n), weight_or_undefined(weight), eps,
+             out.view({-1, n}), residual_out.view({-1, n}));
+  return {out, residual_out};
+}
+
+// Both backward ops: x is the normalised tensor (named x_arg in the schema); grad_res is the
+// optional gradient flowing into fused_add_rmsnorm's residual_out.
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> backward(const char* op, const char* x_arg,
+                                            const at::Tensor& grad_out,
+                                            const std::optional<at::Tensor>& grad_res,
+                                            const at::Tensor& x,
+                                            const std::optional<at::Tensor>& weight, double eps) {
+  const int64_t n = check_inputs(op, x, weight, eps, x_arg);
+  check_same_device(op, "grad_out", grad_out, x_arg, x);
+  check_same_dtype(op, "grad_out", grad_out, x_arg, x);
+  check_same_shape(op, "grad_out", grad_out, x_arg, x);
+  const bool has_res = grad_res.has_value() && grad_res->defined();
+  if (has_res) {
+    check_same_device(op, "grad_residual_out", *grad_res, x_arg, x);
+    check_same_dtype(op, "grad_residual_out", *grad_res, x_arg, x);
+    check_same_shape(op, "grad_residual_out", *grad_res, x_arg, x);
+  }
+  const typename B::Guard guard(x.device());
+  const at::Tensor w = weight_or_undefined(weight);
+  at::Tensor grad_input = at::empty(x.sizes(), x.options());
+  at::Tensor grad_weight = at::empty({w.defined() ? n : 0}, x.options());
+  if (x.numel() == 0) {
+    grad_weight.zero_();
+    return {grad_input, grad_weight};
+  }
+  B::backward(as_rows(grad_out, n), as_rows(x, n), w,
+              has_res ? as_rows(*grad_res, n) : at::Tensor(), eps, grad_input.view({-1, n}),
+              grad_weight);
+  return {grad_input, grad_weight};
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_out, const at::Tensor& input,
+                                               const std::optional<at::Tensor>& weight,
+                                               double eps) {
+  return backward<B>("rmsnorm_backward", "input", grad_out, std::nullopt, input, weight, eps);
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> fused_add_backward_op(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& residual_out, const std::optional<at::Tensor>& weight, double eps) {
+  return backward<B>("fused_add_rmsnorm_backward", "residual_out", grad_out, grad_residual_out,
+                     residual_out, weight, eps);
+}
+
+// Registers the family's four ops for backend B.
+template <typename B>
+void register_impls(torch::Library& m) {
+  m.impl("rmsnorm", &forward<B>);
+  m.impl("rmsnorm_backward", &backward_op<B>);
+  m.impl("fused_add_rmsnorm", &fused_add_forward<B>);
+  m.impl("fused_add_rmsnorm_backward", &fused_add_backward_op<B>);
 }
 
 }  // namespace metalcore::rmsnorm

@@ -1,8 +1,13 @@
-// RoPE family: input validation and layout shared by every backend's entry point.
+// RoPE family: input validation, layout and the entry points shared by the CPU and CUDA backends
+// (the Metal launch layer, rope_launch.cpp, adds Metal's own limits).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
+#include <tuple>
+
+#include "common/backend.h"
 #include "common/checks.h"
 
 namespace metalcore::rope {
@@ -61,6 +66,50 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) {
 // cos/sin as [batch or 1, seq, rot] with a unit stride on rot.
 inline at::Tensor as_table(const at::Tensor& t) {
   return unit_last_stride(t.dim() == 2 ? t.unsqueeze(0) : t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points, written once for every backend B (see rope_cpu.cpp, rope_cuda.cpp): B::Guard and
+//   B::apply(q, k, cos, sin, interleaved, transpose, dims, q_out, k_out)
+// with q/k of unit head_dim stride (any other strides), cos/sin as [batch or 1, seq, rot] tables
+// of unit rot stride, contiguous outputs. transpose=true applies the transposed rotation (the
+// backward).
+
+template <typename B, bool TRANSPOSE>
+std::tuple<at::Tensor, at::Tensor> apply(const char* op, const char* q_arg, const at::Tensor& q,
+                                         const char* k_arg, const at::Tensor& k,
+                                         const at::Tensor& cos, const at::Tensor& sin,
+                                         bool interleaved) {
+  const Dims dm = check_inputs(op, q_arg, q, k_arg, k, cos, sin);
+  const typename B::Guard guard(q.device());
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  if (q.numel() == 0 && k.numel() == 0) return {q_out, k_out};
+  B::apply(unit_last_stride(q), unit_last_stride(k), as_table(cos), as_table(sin), interleaved,
+           TRANSPOSE, dm, q_out, k_out);
+  return {q_out, k_out};
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& cos, const at::Tensor& sin,
+                                           bool interleaved) {
+  return apply<B, false>("rope", "q", q, "k", k, cos, sin, interleaved);
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_q_out,
+                                            const at::Tensor& grad_k_out, const at::Tensor& cos,
+                                            const at::Tensor& sin, bool interleaved) {
+  return apply<B, true>("rope_backward", "grad_q_out", grad_q_out, "grad_k_out", grad_k_out, cos,
+                        sin, interleaved);
+}
+
+// Registers the family's two ops for backend B.
+template <typename B>
+void register_impls(torch::Library& m) {
+  m.impl("rope", &forward<B>);
+  m.impl("rope_backward", &backward<B>);
 }
 
 }  // namespace metalcore::rope

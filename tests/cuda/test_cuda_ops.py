@@ -342,14 +342,20 @@ def test_adamw_matches_float64(pdtype, sdtype, amsgrad, maximize, where):
 
 
 def test_adamw_many_tensors_and_noncontiguous():
-    # 300 tensors: more than one parameter block; a transposed param is updated through a copy.
+    # 300 tensors: more than one parameter block. Every 7th parameter is transposed with its
+    # gradient and states (dense, same memory order as the param: updated in place in storage
+    # order, like on the CPU).
     n = 300
-    ps = [rand(5, 3) if i % 7 else rand(3, 5).t() for i in range(n)]
+
+    def layout(t, i):
+        return t.to(DEV) if i % 7 else t.t().contiguous().to(DEV).t()
+
+    ps = [rand(5, 3) for _ in range(n)]
     gs, ms, vs = [rand(5, 3) for _ in ps], [rand(5, 3) for _ in ps], [rand(5, 3).abs() for _ in ps]
     steps = [torch.tensor(3.0) for _ in ps]
-    cp = [t.to(DEV) if t.is_contiguous() else t.t().contiguous().to(DEV).t() for t in ps]
+    cp, cg = [layout(t, i) for i, t in enumerate(ps)], [layout(t, i) for i, t in enumerate(gs)]
+    cm, cv = [layout(t, i) for i, t in enumerate(ms)], [layout(t, i) for i, t in enumerate(vs)]
     assert not all(t.is_contiguous() for t in cp)
-    cg, cm, cv = [t.to(DEV) for t in gs], [t.to(DEV) for t in ms], [t.to(DEV) for t in vs]
     cs = [s.to(DEV) for s in steps]
     metalcore.adamw_step(cp, cg, cm, cv, cs, lr=torch.tensor(1e-3, device=DEV))
     for i in range(n):
@@ -359,6 +365,16 @@ def test_adamw_many_tensors_and_noncontiguous():
         assert_close(cp[i].cpu(), p_ref)
         assert_close(cm[i].cpu(), m_ref)
         assert float(cs[i]) == 4.0
+
+
+def test_adamw_rejects_mismatched_layouts_before_mutating():
+    p = rand(5, 3).t().contiguous().to(DEV).t()  # dense, transposed, shape (5, 3)
+    g, m, v = (torch.randn(5, 3, device=DEV) for _ in range(3))  # contiguous
+    st = torch.zeros((), device=DEV)
+    before = p.clone()
+    with pytest.raises(ValueError, match=r"'grads\[0\]' must have the same memory"):
+        metalcore.adamw_step([p], [g], [m], [v], [st], lr=torch.tensor(1e-3, device=DEV))
+    assert torch.equal(p, before) and float(st) == 0.0
 
 
 def test_adamw_matches_torch_fused():
