@@ -26,37 +26,6 @@ def hf_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-class _RopeFn(torch.autograd.Function):
-    """Autograd over metalcore.rope / rope_backward, used only where the library has no rope
-    autograd kernel registered (the rope family's autograd lands with its CPU kernels)."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return ops.rope(q, k, cos, sin, False)
-
-    @staticmethod
-    def backward(ctx, gq, gk):
-        cos, sin = ctx.saved_tensors
-        if gk is None:
-            gk = torch.zeros_like(gq[:, :1]).expand(gq.shape[0], 0, *gq.shape[2:])
-        dq, dk = ops.rope_backward(gq.contiguous(), gk.contiguous(), cos, sin, False)
-        return dq, dk, None, None
-
-
-def metalcore_rope():
-    q = torch.randn(1, 1, 2, 4, requires_grad=True)
-    cs = torch.ones(2, 4)
-    try:
-        out = ops.rope(q, q.detach(), cs, cs, False)[0]
-        native = out.grad_fn is not None
-    except Exception:  # noqa: BLE001  (no CPU kernel in this build)
-        native = torch._C._dispatch_has_kernel_for_dispatch_key("metalcore::rope", "Autograd")
-    if native:
-        return (lambda q, k, c, s: metalcore.rope(q, k, c, s)), ""
-    return (lambda q, k, c, s: _RopeFn.apply(q, k, c, s)), "python autograd wrapper over the ops"
-
-
 def shape(device: str, quick: bool):
     if device == "cuda":
         return (4, 32, 8, 4096, 128) if not quick else (2, 32, 8, 2048, 128)
@@ -90,10 +59,8 @@ def run(suite: h.Suite) -> None:
         return q, k, cos, sin
 
     provs = {"eager": hf_rope, "compile": h.compiled(hf_rope)}
-    note = ""
     if h.has_kernel("rope", dev):
-        mc, note = metalcore_rope()
-        provs = {"metalcore": mc, **provs}
+        provs = {"metalcore": lambda q, k, c, s_: metalcore.rope(q, k, c, s_), **provs}
     else:
         print(f"  rope: no metalcore kernel for {dev} in this build")
     if (h.try_liger() if dev == "cuda" else None) is not None:
@@ -106,7 +73,6 @@ def run(suite: h.Suite) -> None:
             qo, ko = fn(q, k, c, s_)
             return (_Join.apply(qo, ko),)
 
-        nt = note if name == "metalcore" else ""
         h.timed_directions(
             suite,
             "rope",
@@ -119,7 +85,7 @@ def run(suite: h.Suite) -> None:
             2 * qk * es,
             2 * qk * es,
             ("fwd",),
-            note="q/k transposed views" + (f"; {nt}" if nt else ""),
+            note="q/k transposed views",
         )
         h.timed_directions(
             suite,
@@ -133,7 +99,7 @@ def run(suite: h.Suite) -> None:
             2 * qk * es,
             2 * qk * es,
             ("bwd", "fwd+bwd"),
-            note="contiguous q/k leaves" + (f"; {nt}" if nt else ""),
+            note="contiguous q/k leaves",
         )
 
     q = torch.randn(1, 2, 4, 16, device=dev)

@@ -10,7 +10,7 @@ namespace {
 
 using T = at::Tensor;
 
-struct CpuKernels {
+struct CpuKernels : NoBackendLimits {
   using Guard = NoDeviceGuard;
   static void silu(const T& x, const T& out) { METALCORE_CPU_DISPATCH(silu_forward, x, out); }
   static void silu_backward(const T& g, const T& x, const T& gx) {

@@ -10,7 +10,7 @@
 namespace metalcore {
 namespace {
 
-struct CudaKernels {
+struct CudaKernels : NoBackendLimits {
   using Guard = c10::cuda::CUDAGuard;
   static constexpr auto silu = &cuda::launch_silu;
   static constexpr auto silu_backward = &cuda::launch_silu_backward;

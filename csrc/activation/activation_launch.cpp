@@ -1,5 +1,5 @@
-// Activation launch layer: inputs are read through contiguous views (a copy only when needed),
-// outputs are contiguous; one elementwise launch of ceil(numel / block) threadgroups per op.
+// Activation launch layer: the Metal backend of the family's shared entry points (activation.h);
+// one elementwise launch of ceil(numel / block) threadgroups per op.
 #include "activation/activation_launch.h"
 
 #include <ATen/ATen.h>
@@ -16,13 +16,11 @@ namespace metalcore::launch {
 namespace {
 
 using namespace activation_k;
-using activation::check_like;
 
 // Binds `ins` then `outs` at consecutive indices, then the params, and covers numel elements.
 void encode(Encoder& enc, const char* op, const char* family, const char* variant,
             std::initializer_list<at::Tensor> ins, std::initializer_list<at::Tensor> outs) {
   const at::Tensor& first = *ins.begin();
-  check_metal_dtype(op, std::string(family) == "swiglu" ? "gate" : "input", first.scalar_type());
   const int64_t numel = first.numel();
   if (numel == 0) return;
   enc.set_pipeline(kernel_name(family, variant, first.scalar_type()));
@@ -39,62 +37,61 @@ void encode(Encoder& enc, const char* op, const char* family, const char* varian
   enc.dispatch_threadgroups({static_cast<uint32_t>(groups), 1, 1}, {threads, 1, 1});
 }
 
-at::Tensor new_like(const at::Tensor& t) { return at::empty(t.sizes(), t.options()); }
+// The Metal backend of the shared entry points (activation.h).
+struct MetalKernels {
+  using Guard = NoDeviceGuard;  // PyTorch's MPS backend has one device
+  Encoder& enc;
+  static void check(const char* op, const char* arg, const at::Tensor& x) {
+    check_metal_dtype(op, arg, x.scalar_type());
+  }
+  void silu(const at::Tensor& x, const at::Tensor& out) const {
+    encode(enc, "silu", "silu", "fwd", {x}, {out});
+  }
+  void silu_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& gx) const {
+    encode(enc, "silu_backward", "silu", "bwd", {g, x}, {gx});
+  }
+  void gelu(const at::Tensor& x, bool tanh, const at::Tensor& out) const {
+    encode(enc, "gelu", "gelu", tanh ? "tanh_fwd" : "erf_fwd", {x}, {out});
+  }
+  void gelu_backward(const at::Tensor& g, const at::Tensor& x, bool tanh,
+                     const at::Tensor& gx) const {
+    encode(enc, "gelu_backward", "gelu", tanh ? "tanh_bwd" : "erf_bwd", {g, x}, {gx});
+  }
+  void swiglu(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& out) const {
+    encode(enc, "swiglu", "swiglu", "fwd", {gate, up}, {out});
+  }
+  void swiglu_backward(const at::Tensor& g, const at::Tensor& gate, const at::Tensor& up,
+                       const at::Tensor& gg, const at::Tensor& gu) const {
+    encode(enc, "swiglu_backward", "swiglu", "bwd", {g, gate, up}, {gg, gu});
+  }
+};
 
 }  // namespace
 
 at::Tensor silu(Encoder& enc, const at::Tensor& input) {
-  check_float("silu", "input", input);
-  at::Tensor out = new_like(input);
-  encode(enc, "silu", "silu", "fwd", {input.contiguous()}, {out});
-  return out;
+  return activation::silu(MetalKernels{enc}, input);
 }
 
 at::Tensor silu_backward(Encoder& enc, const at::Tensor& grad_out, const at::Tensor& input) {
-  check_float("silu_backward", "input", input);
-  check_like("silu_backward", "grad_out", grad_out, "input", input);
-  at::Tensor grad_input = new_like(input);
-  encode(enc, "silu_backward", "silu", "bwd", {grad_out.contiguous(), input.contiguous()},
-         {grad_input});
-  return grad_input;
+  return activation::silu_backward(MetalKernels{enc}, grad_out, input);
 }
 
 at::Tensor gelu(Encoder& enc, const at::Tensor& input, c10::string_view approximate) {
-  check_float("gelu", "input", input);
-  const bool tanh_approx = activation::parse_approximate("gelu", approximate);
-  at::Tensor out = new_like(input);
-  encode(enc, "gelu", "gelu", tanh_approx ? "tanh_fwd" : "erf_fwd", {input.contiguous()}, {out});
-  return out;
+  return activation::gelu(MetalKernels{enc}, input, approximate);
 }
 
 at::Tensor gelu_backward(Encoder& enc, const at::Tensor& grad_out, const at::Tensor& input,
                          c10::string_view approximate) {
-  check_float("gelu_backward", "input", input);
-  check_like("gelu_backward", "grad_out", grad_out, "input", input);
-  const bool tanh_approx = activation::parse_approximate("gelu_backward", approximate);
-  at::Tensor grad_input = new_like(input);
-  encode(enc, "gelu_backward", "gelu", tanh_approx ? "tanh_bwd" : "erf_bwd",
-         {grad_out.contiguous(), input.contiguous()}, {grad_input});
-  return grad_input;
+  return activation::gelu_backward(MetalKernels{enc}, grad_out, input, approximate);
 }
 
 at::Tensor swiglu(Encoder& enc, const at::Tensor& gate, const at::Tensor& up) {
-  check_float("swiglu", "gate", gate);
-  check_like("swiglu", "up", up, "gate", gate);
-  at::Tensor out = new_like(gate);
-  encode(enc, "swiglu", "swiglu", "fwd", {gate.contiguous(), up.contiguous()}, {out});
-  return out;
+  return activation::swiglu(MetalKernels{enc}, gate, up);
 }
 
 std::tuple<at::Tensor, at::Tensor> swiglu_backward(Encoder& enc, const at::Tensor& grad_out,
                                                    const at::Tensor& gate, const at::Tensor& up) {
-  check_float("swiglu_backward", "gate", gate);
-  check_like("swiglu_backward", "up", up, "gate", gate);
-  check_like("swiglu_backward", "grad_out", grad_out, "gate", gate);
-  at::Tensor grad_gate = new_like(gate), grad_up = new_like(up);
-  encode(enc, "swiglu_backward", "swiglu", "bwd",
-         {grad_out.contiguous(), gate.contiguous(), up.contiguous()}, {grad_gate, grad_up});
-  return {grad_gate, grad_up};
+  return activation::swiglu_backward(MetalKernels{enc}, grad_out, gate, up);
 }
 
 std::vector<std::string> activation_kernel_names() {

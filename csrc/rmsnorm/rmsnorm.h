@@ -44,25 +44,29 @@ inline at::Tensor weight_or_undefined(const std::optional<at::Tensor>& weight) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points, written once for every backend B (see rmsnorm_cpu.cpp, rmsnorm_cuda.cpp):
+// Entry points, written once for every backend b (rmsnorm_cpu.cpp, rmsnorm_cuda.cpp, and the Metal
+// launch layer rmsnorm_launch.cpp):
 //   B::Guard                         device guard type, constructed from the input's device
-//   B::forward(x, residual, weight, eps, out, residual_out)
-//   B::backward(grad_out, x, weight, grad_residual, eps, grad_input, grad_weight)
+//   b.check(op, arg, x)              the backend's own limits on the normalised tensor
+//   b.forward(x, residual, weight, eps, out, residual_out)
+//   b.backward(grad_out, x, weight, grad_residual, eps, grad_input, grad_weight)
 // on [rows, n] views with a unit stride on n, contiguous outputs, undefined optional tensors.
 
 template <typename B>
-at::Tensor forward(const at::Tensor& input, const std::optional<at::Tensor>& weight, double eps) {
+at::Tensor forward(const B& b, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                   double eps) {
   const int64_t n = check_inputs("rmsnorm", input, weight, eps);
+  b.check("rmsnorm", "input", input);
   const typename B::Guard guard(input.device());
   at::Tensor out = at::empty(input.sizes(), input.options());
   if (input.numel() == 0) return out;
-  B::forward(as_rows(input, n), at::Tensor(), weight_or_undefined(weight), eps, out.view({-1, n}),
-             at::Tensor());
+  b.forward(as_rows(input, n), at::Tensor(), weight_or_undefined(weight), eps, out.view({-1, n}),
+            at::Tensor());
   return out;
 }
 
 template <typename B>
-std::tuple<at::Tensor, at::Tensor> fused_add_forward(const at::Tensor& input,
+std::tuple<at::Tensor, at::Tensor> fused_add_forward(const B& b, const at::Tensor& input,
                                                      const at::Tensor& residual,
                                                      const std::optional<at::Tensor>& weight,
                                                      double eps) {
@@ -72,19 +76,20 @@ std::tuple<at::Tensor, at::Tensor> fused_add_forward(const at::Tensor& input,
   check_same_device(op, "residual", residual, "input", input);
   check_same_dtype(op, "residual", residual, "input", input);
   check_same_shape(op, "residual", residual, "input", input);
+  b.check(op, "input", input);
   const typename B::Guard guard(input.device());
   at::Tensor out = at::empty(input.sizes(), input.options());
   at::Tensor residual_out = at::empty(input.sizes(), input.options());
   if (input.numel() == 0) return {out, residual_out};
-  B::forward(as_rows(input, n), as_rows(residual, n), weight_or_undefined(weight), eps,
-             out.view({-1, n}), residual_out.view({-1, n}));
+  b.forward(as_rows(input, n), as_rows(residual, n), weight_or_undefined(weight), eps,
+            out.view({-1, n}), residual_out.view({-1, n}));
   return {out, residual_out};
 }
 
 // Both backward ops: x is the normalised tensor (named x_arg in the schema); grad_res is the
 // optional gradient flowing into fused_add_rmsnorm's residual_out.
 template <typename B>
-std::tuple<at::Tensor, at::Tensor> backward(const char* op, const char* x_arg,
+std::tuple<at::Tensor, at::Tensor> backward(const B& b, const char* op, const char* x_arg,
                                             const at::Tensor& grad_out,
                                             const std::optional<at::Tensor>& grad_res,
                                             const at::Tensor& x,
@@ -99,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* op, const char* x_arg,
     check_same_dtype(op, "grad_residual_out", *grad_res, x_arg, x);
     check_same_shape(op, "grad_residual_out", *grad_res, x_arg, x);
   }
+  b.check(op, x_arg, x);
   const typename B::Guard guard(x.device());
   const at::Tensor w = weight_or_undefined(weight);
   at::Tensor grad_input = at::empty(x.sizes(), x.options());
@@ -107,34 +113,43 @@ std::tuple<at::Tensor, at::Tensor> backward(const char* op, const char* x_arg,
     grad_weight.zero_();
     return {grad_input, grad_weight};
   }
-  B::backward(as_rows(grad_out, n), as_rows(x, n), w,
-              has_res ? as_rows(*grad_res, n) : at::Tensor(), eps, grad_input.view({-1, n}),
-              grad_weight);
+  b.backward(as_rows(grad_out, n), as_rows(x, n), w, has_res ? as_rows(*grad_res, n) : at::Tensor(),
+             eps, grad_input.view({-1, n}), grad_weight);
   return {grad_input, grad_weight};
 }
 
 template <typename B>
-std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_out, const at::Tensor& input,
-                                               const std::optional<at::Tensor>& weight,
-                                               double eps) {
-  return backward<B>("rmsnorm_backward", "input", grad_out, std::nullopt, input, weight, eps);
+std::tuple<at::Tensor, at::Tensor> rmsnorm_backward(const B& b, const at::Tensor& grad_out,
+                                                    const at::Tensor& input,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    double eps) {
+  return backward(b, "rmsnorm_backward", "input", grad_out, std::nullopt, input, weight, eps);
 }
 
 template <typename B>
-std::tuple<at::Tensor, at::Tensor> fused_add_backward_op(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+std::tuple<at::Tensor, at::Tensor> fused_add_backward(
+    const B& b, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& residual_out, const std::optional<at::Tensor>& weight, double eps) {
-  return backward<B>("fused_add_rmsnorm_backward", "residual_out", grad_out, grad_residual_out,
-                     residual_out, weight, eps);
+  return backward(b, "fused_add_rmsnorm_backward", "residual_out", grad_out, grad_residual_out,
+                  residual_out, weight, eps);
 }
 
-// Registers the family's four ops for backend B.
+// Registers the family's four ops for a stateless backend B (CPU, CUDA).
 template <typename B>
 void register_impls(torch::Library& m) {
-  m.impl("rmsnorm", &forward<B>);
-  m.impl("rmsnorm_backward", &backward_op<B>);
-  m.impl("fused_add_rmsnorm", &fused_add_forward<B>);
-  m.impl("fused_add_rmsnorm_backward", &fused_add_backward_op<B>);
+  using T = at::Tensor;
+  using OptT = std::optional<at::Tensor>;
+  m.impl("rmsnorm", [](const T& x, const OptT& w, double eps) { return forward(B{}, x, w, eps); });
+  m.impl("rmsnorm_backward", [](const T& g, const T& x, const OptT& w, double eps) {
+    return rmsnorm_backward(B{}, g, x, w, eps);
+  });
+  m.impl("fused_add_rmsnorm", [](const T& x, const T& r, const OptT& w, double eps) {
+    return fused_add_forward(B{}, x, r, w, eps);
+  });
+  m.impl("fused_add_rmsnorm_backward",
+         [](const T& g, const OptT& gr, const T& h, const OptT& w, double eps) {
+           return fused_add_backward(B{}, g, gr, h, w, eps);
+         });
 }
 
 }  // namespace metalcore::rmsnorm

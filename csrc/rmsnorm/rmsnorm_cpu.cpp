@@ -7,7 +7,7 @@
 namespace metalcore {
 namespace {
 
-struct CpuKernels {
+struct CpuKernels : NoBackendLimits {
   using Guard = NoDeviceGuard;
   static void forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                       double eps, const at::Tensor& out, const at::Tensor& residual_out) {

@@ -10,7 +10,7 @@
 namespace metalcore {
 namespace {
 
-struct CudaKernels {
+struct CudaKernels : NoBackendLimits {
   using Guard = c10::cuda::CUDAGuard;
   static void forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                       double eps, const at::Tensor& out, const at::Tensor& residual_out) {

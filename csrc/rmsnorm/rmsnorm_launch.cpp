@@ -1,6 +1,7 @@
-// RMSNorm launch layer: validation, output allocation, variant choice, grid sizes and argument
-// binding, written once against Encoder. Variants: "single" keeps a row in registers (one read)
-// when ceil(n / kReads) threads fit in one threadgroup, "looped" strides over longer rows; the
+// RMSNorm launch layer: the Metal backend of the family's shared entry points (rmsnorm.h) —
+// Metal's limits, variant choice, grid sizes and argument binding, written once against Encoder.
+// Variants: "single" keeps a row in registers (one read) when ceil(n / kReads) threads fit in one
+// threadgroup, "looped" strides over longer rows; the
 // "_vec4" forms load 4 elements per instruction when every row is 4-element aligned.
 #include "rmsnorm/rmsnorm_launch.h"
 
@@ -39,8 +40,8 @@ std::string with_width(const char* variant, bool vec4) {
   return vec4 ? std::string(variant) + "_vec4" : std::string(variant);
 }
 
-void check_metal(const char* op, const at::Tensor& input, int64_t n) {
-  check_metal_dtype(op, "input", input.scalar_type());
+void check_metal(const char* op, const char* arg, const at::Tensor& input, int64_t n) {
+  check_metal_dtype(op, arg, input.scalar_type());
   TORCH_CHECK_VALUE(
       n <= std::numeric_limits<uint32_t>::max() &&
           input.numel() / std::max<int64_t>(n, 1) <= std::numeric_limits<uint32_t>::max(),
@@ -135,83 +136,50 @@ void encode_backward(Encoder& enc, const at::Tensor& grad_out, const at::Tensor&
   enc.dispatch_threads({p.n, 1, 1}, {std::min(t, looped_threads(enc)), 1, 1});
 }
 
+// The Metal backend of the shared entry points (rmsnorm.h).
+struct MetalKernels {
+  using Guard = NoDeviceGuard;  // PyTorch's MPS backend has one device
+  Encoder& enc;
+  static void check(const char* op, const char* arg, const at::Tensor& x) {
+    check_metal(op, arg, x, x.size(-1));
+  }
+  void forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+               double eps, const at::Tensor& out, const at::Tensor& residual_out) const {
+    encode_forward(enc, x, residual, weight, eps, out, residual_out);
+  }
+  void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                const at::Tensor& grad_residual, double eps, const at::Tensor& grad_input,
+                const at::Tensor& grad_weight) const {
+    encode_backward(enc, grad_out, x, weight, grad_residual, eps, grad_input, grad_weight);
+  }
+};
+
 }  // namespace
 
 at::Tensor rmsnorm(Encoder& enc, const at::Tensor& input, const std::optional<at::Tensor>& weight,
                    double eps) {
-  const int64_t n = rmsnorm::check_inputs("rmsnorm", input, weight, eps);
-  check_metal("rmsnorm", input, n);
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  if (input.numel() == 0) return out;
-  encode_forward(enc, rmsnorm::as_rows(input, n), at::Tensor(),
-                 rmsnorm::weight_or_undefined(weight), eps, out.view({-1, n}), at::Tensor());
-  return out;
+  return rmsnorm::forward(MetalKernels{enc}, input, weight, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_add_rmsnorm(Encoder& enc, const at::Tensor& input,
                                                      const at::Tensor& residual,
                                                      const std::optional<at::Tensor>& weight,
                                                      double eps) {
-  const char* op = "fused_add_rmsnorm";
-  const int64_t n = rmsnorm::check_inputs(op, input, weight, eps);
-  check_metal(op, input, n);
-  check_float(op, "residual", residual);
-  check_same_device(op, "residual", residual, "input", input);
-  check_same_dtype(op, "residual", residual, "input", input);
-  check_same_shape(op, "residual", residual, "input", input);
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  at::Tensor residual_out = at::empty(input.sizes(), input.options());
-  if (input.numel() == 0) return {out, residual_out};
-  encode_forward(enc, rmsnorm::as_rows(input, n), rmsnorm::as_rows(residual, n),
-                 rmsnorm::weight_or_undefined(weight), eps, out.view({-1, n}),
-                 residual_out.view({-1, n}));
-  return {out, residual_out};
+  return rmsnorm::fused_add_forward(MetalKernels{enc}, input, residual, weight, eps);
 }
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> backward(Encoder& enc, const char* op, const char* x_arg,
-                                            const at::Tensor& grad_out, const at::Tensor& grad_res,
-                                            const at::Tensor& x,
-                                            const std::optional<at::Tensor>& weight, double eps) {
-  const int64_t n = rmsnorm::check_inputs(op, x, weight, eps);
-  check_metal(op, x, n);
-  check_same_device(op, "grad_out", grad_out, x_arg, x);
-  check_same_dtype(op, "grad_out", grad_out, x_arg, x);
-  check_same_shape(op, "grad_out", grad_out, x_arg, x);
-  if (grad_res.defined()) {
-    check_same_device(op, "grad_residual_out", grad_res, x_arg, x);
-    check_same_dtype(op, "grad_residual_out", grad_res, x_arg, x);
-    check_same_shape(op, "grad_residual_out", grad_res, x_arg, x);
-  }
-  const at::Tensor w = rmsnorm::weight_or_undefined(weight);
-  at::Tensor grad_input = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty({w.defined() ? n : 0}, x.options());
-  if (x.numel() == 0) {
-    grad_weight.zero_();
-    return {grad_input, grad_weight};
-  }
-  encode_backward(enc, rmsnorm::as_rows(grad_out, n), rmsnorm::as_rows(x, n), w,
-                  grad_res.defined() ? rmsnorm::as_rows(grad_res, n) : at::Tensor(), eps,
-                  grad_input.view({-1, n}), grad_weight);
-  return {grad_input, grad_weight};
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rmsnorm_backward(Encoder& enc, const at::Tensor& grad_out,
                                                     const at::Tensor& input,
                                                     const std::optional<at::Tensor>& weight,
                                                     double eps) {
-  return backward(enc, "rmsnorm_backward", "input", grad_out, at::Tensor(), input, weight, eps);
+  return rmsnorm::rmsnorm_backward(MetalKernels{enc}, grad_out, input, weight, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_add_rmsnorm_backward(
     Encoder& enc, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& residual_out, const std::optional<at::Tensor>& weight, double eps) {
-  const at::Tensor grad_res = grad_residual_out.has_value() ? *grad_residual_out : at::Tensor();
-  return backward(enc, "fused_add_rmsnorm_backward", "residual_out", grad_out, grad_res,
-                  residual_out, weight, eps);
+  return rmsnorm::fused_add_backward(MetalKernels{enc}, grad_out, grad_residual_out, residual_out,
+                                     weight, eps);
 }
 
 std::vector<std::string> rmsnorm_kernel_names() {

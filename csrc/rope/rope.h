@@ -69,47 +69,56 @@ inline at::Tensor as_table(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points, written once for every backend B (see rope_cpu.cpp, rope_cuda.cpp): B::Guard and
-//   B::apply(q, k, cos, sin, interleaved, transpose, dims, q_out, k_out)
+// Entry points, written once for every backend b (rope_cpu.cpp, rope_cuda.cpp, and the Metal
+// launch layer rope_launch.cpp): B::Guard, b.check(op, arg, t) for the backend's own limits (on
+// q and on the tables), and
+//   b.apply(q, k, cos, sin, interleaved, transpose, dims, q_out, k_out)
 // with q/k of unit head_dim stride (any other strides), cos/sin as [batch or 1, seq, rot] tables
 // of unit rot stride, contiguous outputs. transpose=true applies the transposed rotation (the
 // backward).
 
-template <typename B, bool TRANSPOSE>
-std::tuple<at::Tensor, at::Tensor> apply(const char* op, const char* q_arg, const at::Tensor& q,
-                                         const char* k_arg, const at::Tensor& k,
-                                         const at::Tensor& cos, const at::Tensor& sin,
-                                         bool interleaved) {
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> apply(const B& b, const char* op, const char* q_arg,
+                                         const at::Tensor& q, const char* k_arg,
+                                         const at::Tensor& k, const at::Tensor& cos,
+                                         const at::Tensor& sin, bool interleaved, bool transpose) {
   const Dims dm = check_inputs(op, q_arg, q, k_arg, k, cos, sin);
+  b.check(op, q_arg, q);
+  b.check(op, "cos", cos);
   const typename B::Guard guard(q.device());
   at::Tensor q_out = at::empty(q.sizes(), q.options());
   at::Tensor k_out = at::empty(k.sizes(), k.options());
   if (q.numel() == 0 && k.numel() == 0) return {q_out, k_out};
-  B::apply(unit_last_stride(q), unit_last_stride(k), as_table(cos), as_table(sin), interleaved,
-           TRANSPOSE, dm, q_out, k_out);
+  b.apply(unit_last_stride(q), unit_last_stride(k), as_table(cos), as_table(sin), interleaved,
+          transpose, dm, q_out, k_out);
   return {q_out, k_out};
 }
 
 template <typename B>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+std::tuple<at::Tensor, at::Tensor> forward(const B& b, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& cos, const at::Tensor& sin,
                                            bool interleaved) {
-  return apply<B, false>("rope", "q", q, "k", k, cos, sin, interleaved);
+  return apply(b, "rope", "q", q, "k", k, cos, sin, interleaved, /*transpose=*/false);
 }
 
 template <typename B>
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_q_out,
+std::tuple<at::Tensor, at::Tensor> backward(const B& b, const at::Tensor& grad_q_out,
                                             const at::Tensor& grad_k_out, const at::Tensor& cos,
                                             const at::Tensor& sin, bool interleaved) {
-  return apply<B, true>("rope_backward", "grad_q_out", grad_q_out, "grad_k_out", grad_k_out, cos,
-                        sin, interleaved);
+  return apply(b, "rope_backward", "grad_q_out", grad_q_out, "grad_k_out", grad_k_out, cos, sin,
+               interleaved, /*transpose=*/true);
 }
 
-// Registers the family's two ops for backend B.
+// Registers the family's two ops for a stateless backend B (CPU, CUDA).
 template <typename B>
 void register_impls(torch::Library& m) {
-  m.impl("rope", &forward<B>);
-  m.impl("rope_backward", &backward<B>);
+  using T = at::Tensor;
+  m.impl("rope", [](const T& q, const T& k, const T& c, const T& s, bool interleaved) {
+    return forward(B{}, q, k, c, s, interleaved);
+  });
+  m.impl("rope_backward", [](const T& gq, const T& gk, const T& c, const T& s, bool interleaved) {
+    return backward(B{}, gq, gk, c, s, interleaved);
+  });
 }
 
 }  // namespace metalcore::rope

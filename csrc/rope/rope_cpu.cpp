@@ -7,7 +7,7 @@
 namespace metalcore {
 namespace {
 
-struct CpuKernels {
+struct CpuKernels : NoBackendLimits {
   using Guard = NoDeviceGuard;
   static void apply(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin, bool interleaved, bool transpose, const rope::Dims&,

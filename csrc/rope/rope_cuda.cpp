@@ -10,7 +10,7 @@
 namespace metalcore {
 namespace {
 
-struct CudaKernels {
+struct CudaKernels : NoBackendLimits {
   using Guard = c10::cuda::CUDAGuard;
   static void apply(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                     const at::Tensor& sin, bool interleaved, bool transpose, const rope::Dims& dm,

@@ -1,6 +1,7 @@
-// RoPE launch layer: q and k keep their strides (unit stride on head_dim only), outputs are
-// contiguous; one dispatch per tensor (GQA: q and k have their own head counts). The backward is
-// the same kernel applying the transposed map.
+// RoPE launch layer: the Metal backend of the family's shared entry points (rope.h). q and k keep
+// their strides (unit stride on head_dim only), outputs are contiguous; one dispatch per tensor
+// (GQA: q and k have their own head counts). The backward is the same kernel applying the
+// transposed map.
 #include "rope/rope_launch.h"
 
 #include <ATen/ATen.h>
@@ -54,38 +55,39 @@ void encode(Encoder& enc, const at::Tensor& x, const at::Tensor& cos, const at::
   enc.dispatch_threads({cols, p.seq, static_cast<uint32_t>(z)}, {tx, ty, 1});
 }
 
-std::tuple<at::Tensor, at::Tensor> run(Encoder& enc, const char* op, const char* q_arg,
-                                       const at::Tensor& q, const char* k_arg, const at::Tensor& k,
-                                       const at::Tensor& cos, const at::Tensor& sin,
-                                       bool interleaved, bool transpose) {
-  const rope::Dims d = rope::check_inputs(op, q_arg, q, k_arg, k, cos, sin);
-  check_metal_dtype(op, q_arg, q.scalar_type());
-  check_metal_dtype(op, "cos", cos.scalar_type());
-  at::Tensor q_out = at::empty(q.sizes(), q.options());
-  at::Tensor k_out = at::empty(k.sizes(), k.options());
-  const at::Tensor c = rope::as_table(cos), s = rope::as_table(sin);
-  TORCH_CHECK_VALUE(c.strides() == s.strides(), "metalcore.", op,
-                    ": 'cos' and 'sin' must have the same strides, got ", c.strides(), " and ",
-                    s.strides());
-  encode(enc, rope::unit_last_stride(q), c, s, q_out, d.rot, interleaved, transpose);
-  encode(enc, rope::unit_last_stride(k), c, s, k_out, d.rot, interleaved, transpose);
-  return {q_out, k_out};
-}
+// The Metal backend of the shared entry points (rope.h).
+struct MetalKernels {
+  using Guard = NoDeviceGuard;  // PyTorch's MPS backend has one device
+  Encoder& enc;
+  static void check(const char* op, const char* arg, const at::Tensor& t) {
+    check_metal_dtype(op, arg, t.scalar_type());
+  }
+  void apply(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+             bool interleaved, bool transpose, const rope::Dims& dm, const at::Tensor& q_out,
+             const at::Tensor& k_out) const {
+    // The kernel reads both tables with one set of strides.
+    TORCH_CHECK_VALUE(cos.strides() == sin.strides(), "metalcore.",
+                      transpose ? "rope_backward" : "rope",
+                      ": 'cos' and 'sin' must have the same strides, got ", cos.strides(), " and ",
+                      sin.strides());
+    encode(enc, q, cos, sin, q_out, dm.rot, interleaved, transpose);
+    encode(enc, k, cos, sin, k_out, dm.rot, interleaved, transpose);
+  }
+};
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rope(Encoder& enc, const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& cos, const at::Tensor& sin,
                                         bool interleaved) {
-  return run(enc, "rope", "q", q, "k", k, cos, sin, interleaved, /*transpose=*/false);
+  return rope::forward(MetalKernels{enc}, q, k, cos, sin, interleaved);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_backward(Encoder& enc, const at::Tensor& grad_q_out,
                                                  const at::Tensor& grad_k_out,
                                                  const at::Tensor& cos, const at::Tensor& sin,
                                                  bool interleaved) {
-  return run(enc, "rope_backward", "grad_q_out", grad_q_out, "grad_k_out", grad_k_out, cos, sin,
-             interleaved, /*transpose=*/true);
+  return rope::backward(MetalKernels{enc}, grad_q_out, grad_k_out, cos, sin, interleaved);
 }
 
 std::vector<std::string> rope_kernel_names() {
