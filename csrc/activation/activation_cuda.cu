@@ -16,8 +16,10 @@ using cuda::Vec;
 
 __device__ __forceinline__ float exp_a(float v) { return expf(v); }
 __device__ __forceinline__ double exp_a(double v) { return exp(v); }
-__device__ __forceinline__ float erf_a(float v) { return erff(v); }
-__device__ __forceinline__ double erf_a(double v) { return erf(v); }
+// Phi(x) = erfc(-x / sqrt 2) / 2 keeps its relative accuracy in the negative tail, where
+// 1 + erf(x / sqrt 2) cancels (as on the CPU and Metal backends).
+__device__ __forceinline__ float erfc_a(float v) { return erfcf(v); }
+__device__ __forceinline__ double erfc_a(double v) { return erfc(v); }
 __device__ __forceinline__ float tanh_a(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_a(double v) { return tanh(v); }
 
@@ -51,7 +53,7 @@ struct GeluFwd {
       const A inner = A(0.7978845608028654) * (x + A(0.044715) * x * x * x);
       o[0] = A(0.5) * x * (A(1) + tanh_a(inner));
     } else {
-      o[0] = A(0.5) * x * (A(1) + erf_a(x * A(0.7071067811865476)));
+      o[0] = A(0.5) * x * erfc_a(x * A(-0.7071067811865476));
     }
   }
 };
@@ -65,10 +67,13 @@ struct GeluBwd {  // inputs: grad_out, input
     if constexpr (Tanh) {
       const A k = A(0.7978845608028654), c = A(0.044715);
       const A t = tanh_a(k * (x + c * x * x * x));
-      d = A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * k * (A(1) + A(3) * c * x * x);
+      // 1 - t^2 is exactly 0 once |x| > ~10, so capping x^2 in the last factor changes nothing
+      // but keeps it finite: past |x| = 1.8e19, x^2 overflows and 0 * inf would be NaN.
+      const A x2 = min(x * x, A(1e4));
+      d = A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * k * (A(1) + A(3) * c * x2);
     } else {
       // Phi(x) + x * phi(x), phi the standard normal density.
-      d = A(0.5) * (A(1) + erf_a(x * A(0.7071067811865476))) +
+      d = A(0.5) * erfc_a(x * A(-0.7071067811865476)) +
           x * A(0.3989422804014327) * exp_a(A(-0.5) * x * x);
     }
     o[0] = i[0] * d;
