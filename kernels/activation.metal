@@ -40,18 +40,19 @@ struct GeluErf {
 };
 
 struct GeluTanh {
+  // 0.5 x (1 + tanh u) = x sigmoid(2u), u = k (x + c x^3): no cancellation of 1 + tanh u in the
+  // negative tail.
   static float fwd(float x) {
-    const float t = precise::tanh(kSqrt2OverPi * (x + kTanhCoef * x * x * x));
-    return 0.5f * x * (1.0f + t);
+    return x * metalcore::sigmoid(2.0f * kSqrt2OverPi * (x + kTanhCoef * x * x * x));
   }
-  // u = k (x + c x^3): d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
+  // s = sigmoid(2u), 1 - tanh^2 u = 4 s (1 - s): d/dx = s + 2 s (1 - s) x k (1 + 3 c x^2)
   static float bwd(float g, float x) {
     const float x2 = x * x;
-    const float t = precise::tanh(kSqrt2OverPi * (x + kTanhCoef * x2 * x));
-    // 1 - t^2 is exactly 0 once |x| > ~10, so capping x^2 in the last factor changes nothing but
+    const float s = metalcore::sigmoid(2.0f * kSqrt2OverPi * (x + kTanhCoef * x2 * x));
+    // s (1 - s) vanishes once |x| > ~10, so capping x^2 in the last factor changes nothing but
     // keeps it finite: past |x| = 1.8e19, x^2 overflows and 0 * inf would be NaN.
     const float poly = 1.0f + 3.0f * kTanhCoef * min(x2, 1e4f);
-    return g * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * poly);
+    return g * (s + 2.0f * s * (1.0f - s) * x * kSqrt2OverPi * poly);
   }
 };
 

@@ -65,11 +65,11 @@ void gelu_forward(const at::Tensor& x, bool tanh_approx, const at::Tensor& out) 
     T* op = out.mutable_data_ptr<T>();
     const V<T> half{A<T>(0.5)}, one{A<T>(1)};
     if (tanh_approx) {
-      const V<T> k{A<T>(kSqrt2OverPi)}, c{A<T>(kTanhCoef)};
+      // 0.5 x (1 + tanh u) = x sigmoid(2u): no cancellation of 1 + tanh u in the negative tail.
+      const V<T> k2{A<T>(2 * kSqrt2OverPi)}, c{A<T>(kTanhCoef)};
       elementwise<T, 1, 1>(x.numel(), {xp}, {op}, [&](const std::array<V<T>, 1>& v) {
         const V<T> x3 = v[0] * v[0] * v[0];
-        const V<T> t = (k * (v[0] + c * x3)).tanh();
-        return std::array<V<T>, 1>{half * v[0] * (one + t)};
+        return std::array<V<T>, 1>{v[0] * sigmoid<T>(k2 * (v[0] + c * x3))};
       });
     } else {
       // Phi(x) = erfc(-x / sqrt 2) / 2 keeps its relative accuracy in the negative tail, where
@@ -90,17 +90,20 @@ void gelu_backward(const at::Tensor& grad_out, const at::Tensor& x, bool tanh_ap
     const std::array<T*, 1> out = {grad_input.mutable_data_ptr<T>()};
     const V<T> half{A<T>(0.5)}, one{A<T>(1)};
     if (tanh_approx) {
-      const V<T> k{A<T>(kSqrt2OverPi)}, c{A<T>(kTanhCoef)}, c3{A<T>(3 * kTanhCoef)};
-      // 1 - t^2 is exactly 0 once |x| > ~10, so capping x^2 in the last factor changes nothing
-      // but keeps it finite: for |x| > 1.8e19, x^2 overflows and 0 * inf would give NaN.
+      const V<T> k{A<T>(kSqrt2OverPi)}, k2{A<T>(2 * kSqrt2OverPi)}, c{A<T>(kTanhCoef)},
+          c3{A<T>(3 * kTanhCoef)}, two{A<T>(2)};
+      // s (1 - s) vanishes once |x| > ~10 (s = 0 or 1), so capping x^2 in the last factor
+      // changes nothing but keeps it finite: past |x| = 1.8e19, x^2 overflows and 0 * inf is NaN.
       const V<T> x2_cap{A<T>(1e4)};
       elementwise<T, 2, 1>(x.numel(), in, out, [&](const std::array<V<T>, 2>& v) {
-        // u = k (x + c x^3), t = tanh(u): d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)
+        // u = k (x + c x^3), s = sigmoid(2u) = (1 + tanh u) / 2, 1 - tanh^2 u = 4 s (1 - s):
+        // d/dx = s + 2 s (1 - s) x k (1 + 3 c x^2), with no cancellation in the negative tail
+        // (1 + tanh u rounds to 0 there, and an infinite grad_out times 0 gave NaN).
         const V<T>& xv = v[1];
         const V<T> x2 = xv * xv;
-        const V<T> t = (k * (xv + c * x2 * xv)).tanh();
+        const V<T> s = sigmoid<T>(k2 * (xv + c * x2 * xv));
         const V<T> poly = one + c3 * at::vec::minimum(x2, x2_cap);
-        const V<T> d = half * (one + t) + half * xv * (one - t * t) * k * poly;
+        const V<T> d = s + two * s * (one - s) * xv * k * poly;
         return std::array<V<T>, 1>{v[0] * d};
       });
     } else {

@@ -20,8 +20,6 @@ __device__ __forceinline__ double exp_a(double v) { return exp(v); }
 // 1 + erf(x / sqrt 2) cancels (as on the CPU and Metal backends).
 __device__ __forceinline__ float erfc_a(float v) { return erfcf(v); }
 __device__ __forceinline__ double erfc_a(double v) { return erfc(v); }
-__device__ __forceinline__ float tanh_a(float v) { return tanhf(v); }
-__device__ __forceinline__ double tanh_a(double v) { return tanh(v); }
 
 template <typename A>
 __device__ __forceinline__ A sigmoid(A v) {
@@ -50,8 +48,9 @@ struct GeluFwd {
   __device__ void operator()(const A (&i)[1], A (&o)[1]) const {
     const A x = i[0];
     if constexpr (Tanh) {
-      const A inner = A(0.7978845608028654) * (x + A(0.044715) * x * x * x);
-      o[0] = A(0.5) * x * (A(1) + tanh_a(inner));
+      // 0.5 x (1 + tanh u) = x sigmoid(2u): no cancellation of 1 + tanh u in the negative tail.
+      const A u2 = A(2 * 0.7978845608028654) * (x + A(0.044715) * x * x * x);
+      o[0] = x / (A(1) + exp_a(-u2));
     } else {
       o[0] = A(0.5) * x * erfc_a(x * A(-0.7071067811865476));
     }
@@ -65,12 +64,14 @@ struct GeluBwd {  // inputs: grad_out, input
     const A x = i[1];
     A d;
     if constexpr (Tanh) {
+      // u = k (x + c x^3), s = sigmoid(2u) = (1 + tanh u) / 2, 1 - tanh^2 u = 4 s (1 - s):
+      // d/dx = s + 2 s (1 - s) x k (1 + 3 c x^2), with no cancellation in the negative tail.
+      // s (1 - s) vanishes once |x| > ~10, so capping x^2 in the last factor changes nothing but
+      // keeps it finite: past |x| = 1.8e19, x^2 overflows and 0 * inf would be NaN.
       const A k = A(0.7978845608028654), c = A(0.044715);
-      const A t = tanh_a(k * (x + c * x * x * x));
-      // 1 - t^2 is exactly 0 once |x| > ~10, so capping x^2 in the last factor changes nothing
-      // but keeps it finite: past |x| = 1.8e19, x^2 overflows and 0 * inf would be NaN.
+      const A s = A(1) / (A(1) + exp_a(A(-2) * k * (x + c * x * x * x)));
       const A x2 = min(x * x, A(1e4));
-      d = A(0.5) * (A(1) + t) + A(0.5) * x * (A(1) - t * t) * k * (A(1) + A(3) * c * x2);
+      d = s + A(2) * s * (A(1) - s) * x * k * (A(1) + A(3) * c * x2);
     } else {
       // Phi(x) + x * phi(x), phi the standard normal density.
       d = A(0.5) * erfc_a(x * A(-0.7071067811865476)) +

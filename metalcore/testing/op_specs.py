@@ -654,8 +654,9 @@ def _gelu64(approximate):
     def f(x):
         if approximate == "tanh":
             inner = (2.0 / math.pi) ** 0.5 * (x + 0.044715 * x.pow(3))
-            return 0.5 * x * (1.0 + torch.tanh(inner))
-        return 0.5 * x * (1.0 + torch.erf(x / 2.0**0.5))
+            return x * torch.sigmoid(2.0 * inner)  # = 0.5 x (1 + tanh u), without cancellation
+        # erfc, not 1 + erf: exact to float64 precision in the negative tail.
+        return 0.5 * x * torch.erfc(-x / 2.0**0.5)
 
     return f
 

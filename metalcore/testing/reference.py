@@ -49,9 +49,12 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     xd = x.double()
     if approximate == "tanh":
         inner = (2.0 / torch.pi) ** 0.5 * (xd + 0.044715 * xd.pow(3))
-        y = 0.5 * xd * (1.0 + torch.tanh(inner))
+        # 0.5 x (1 + tanh u) = x sigmoid(2u): 1 + tanh u cancels in the negative tail, even in
+        # float64.
+        y = xd * torch.sigmoid(2.0 * inner)
     else:
-        y = 0.5 * xd * (1.0 + torch.erf(xd / 2.0**0.5))
+        # Phi = erfc(-x / sqrt 2) / 2: 1 + erf cancels in the negative tail, even in float64.
+        y = 0.5 * xd * torch.erfc(-xd / 2.0**0.5)
     return y.to(x.dtype)
 
 
@@ -104,12 +107,13 @@ def gelu_backward(grad_out: Tensor, x: Tensor, approximate: str = "none") -> Ten
     xd = x.double()
     if approximate == "tanh":
         k = (2.0 / torch.pi) ** 0.5
-        t = torch.tanh(k * (xd + 0.044715 * xd.pow(3)))
-        # 1 - t^2 is exactly 0 for |x| > ~10: capping x^2 keeps 0 * inf (NaN) out for huge x.
+        # s = sigmoid(2u) = (1 + tanh u) / 2 and 1 - tanh^2 u = 4 s (1 - s), without cancellation.
+        s = torch.sigmoid(2.0 * k * (xd + 0.044715 * xd.pow(3)))
+        # s (1 - s) is exactly 0 for |x| > ~40: capping x^2 keeps 0 * inf (NaN) out for huge x.
         x2 = (xd * xd).clamp(max=1e4)
-        d = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * x2)
+        d = s + 2.0 * s * (1.0 - s) * xd * k * (1.0 + 3 * 0.044715 * x2)
     else:
-        cdf = 0.5 * (1.0 + torch.erf(xd / 2.0**0.5))
+        cdf = 0.5 * torch.erfc(-xd / 2.0**0.5)
         d = cdf + xd * torch.exp(-0.5 * xd * xd) / (2.0 * torch.pi) ** 0.5
     return grad_out.double() * _opmath_range(d, x.dtype)
 

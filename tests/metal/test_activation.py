@@ -122,3 +122,14 @@ def test_bad_inputs(mops):
         mops.gelu(torch.randn(4), "fast")
     with pytest.raises(ValueError, match=r"metalcore\.swiglu: 'up' must have the same shape"):
         mops.swiglu(torch.randn(4), torch.randn(5))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_negative_tail_keeps_relative_accuracy(mops, approximate):
+    x = torch.linspace(-9.0, -3.0, 601)
+    g = torch.ones_like(x)
+    y, y_ref = mops.gelu(x, approximate).double(), ref.gelu(x.double(), approximate)
+    d = mops.gelu_backward(g, x, approximate).double()
+    d_ref = ref.gelu_backward(g.double(), x.double(), approximate)
+    assert ((y - y_ref) / y_ref).abs().max() < 1e-5
+    assert ((d - d_ref) / d_ref).abs().max() < 1e-5
