@@ -148,7 +148,7 @@ template <typename T>
       // The derivative factor (|.| <= 1.1) scales g before up does: g * up alone can overflow
       // where the gradient is finite.
       grad_gate[i] = T((g[k] * (s * (1.0f + a[k] * (1.0f - s)))) * b[k]);
-      grad_up[i] = T(g[k] * a[k] * s);
+      grad_up[i] = T(g[k] * (a[k] * s));  // silu(gate) first: g * gate alone can overflow
     }
   }
 }

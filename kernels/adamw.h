@@ -35,6 +35,9 @@ struct Params {
   float beta1, beta2, weight_decay, eps;
   // 1 - beta computed in double on the host: 1.0f - float(0.999) is 1.3e-5 off relatively.
   float one_minus_beta1, one_minus_beta2;
+  // log(beta) in double on the host: the bias corrections 1 - beta^step = -expm1(step log beta)
+  // then keep float precision (1 - powf(float(beta), step) inherited the 1.3e-5 error).
+  float log_beta1, log_beta2;
   float lr;  // used when flags & kLrOnHost
   unsigned num_tensors;
   unsigned flags;
@@ -43,7 +46,7 @@ struct Params {
 // Host and kernel must agree on these layouts byte for byte (they travel as set_bytes data).
 #ifndef __METAL_VERSION__
 static_assert(sizeof(TensorMeta) == 64 && kMaxTensors * sizeof(TensorMeta) <= 4096);
-static_assert(sizeof(Params) == 36);
+static_assert(sizeof(Params) == 44);
 #endif
 
 }  // namespace adamw_k

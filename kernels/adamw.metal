@@ -4,6 +4,7 @@
 #include <metal_stdlib>
 
 #include "adamw.h"
+#include "common/math.h"
 #include "common/utils.h"
 
 using namespace metal;
@@ -26,8 +27,8 @@ template <typename L>
   const float step = *step_ptr + 1.0f;
   *step_ptr = step;
   const float lr = (p.flags & kLrOnHost) ? p.lr : float(lr_buf[0]);
-  const float bc1 = 1.0f - precise::pow(p.beta1, step);
-  const float bc2 = 1.0f - precise::pow(p.beta2, step);
+  const float bc1 = -metalcore::expm1(step * p.log_beta1);
+  const float bc2 = -metalcore::expm1(step * p.log_beta2);
   coef[i] = float4(1.0f - lr * p.weight_decay, lr / bc1, precise::rsqrt(bc2), 0.0f);
 }
 

@@ -92,8 +92,10 @@ struct SwigluBwd {  // inputs: grad_out, gate, up; outputs: grad_gate, grad_up
   template <typename A>
   __device__ void operator()(const A (&i)[3], A (&o)[2]) const {
     const A s = sigmoid(i[1]);
-    o[0] = i[0] * i[2] * s * (A(1) + i[1] * (A(1) - s));
-    o[1] = i[0] * i[1] * s;
+    // The derivative factor (|.| <= 1.1) scales g before up does, and silu(gate) is formed
+    // before g multiplies it: g * up or g * gate alone can overflow where the result is finite.
+    o[0] = (i[0] * (s * (A(1) + i[1] * (A(1) - s)))) * i[2];
+    o[1] = i[0] * (i[1] * s);
   }
 };
 

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <map>
 #include <utility>
@@ -56,6 +57,8 @@ void adamw(Encoder& enc, at::TensorList params, at::TensorList grads, at::Tensor
   p.beta2 = static_cast<float>(beta2);
   p.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   p.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  p.log_beta1 = static_cast<float>(std::log(beta1));  // -inf for beta = 0: bias correction 1
+  p.log_beta2 = static_cast<float>(std::log(beta2));
   p.weight_decay = static_cast<float>(weight_decay);
   p.eps = static_cast<float>(eps);
   p.flags = (amsgrad ? kAmsgrad : 0u) | (maximize ? kMaximize : 0u);

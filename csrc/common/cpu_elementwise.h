@@ -8,7 +8,16 @@
 
 #include "common/cpu_vec.h"
 
-namespace metalcore::cpu {
+#ifndef CPU_CAPABILITY
+#error "only for *_cpu_kernel.cpp files, which are compiled once per CPU_CAPABILITY"
+#endif
+
+// Everything here lives in the capability's namespace: these helpers take and return
+// at::vec::Vectorized values, whose width differs per build (32 bytes for AVX2, 64 for AVX512).
+// Shared across builds, one name would have several layouts: wherever the compiler did not
+// inline them (an -O1 + ASan build did not), the linker kept one build's copy for all, and the
+// AVX512 kernels read the upper half of every 16-bit chunk from an AVX2 helper (garbage).
+namespace metalcore::cpu::CPU_CAPABILITY {
 
 // Elements per parallel task: large enough to amortise scheduling, small enough to balance.
 constexpr int64_t kElementwiseGrain = 32768;
@@ -34,4 +43,4 @@ void elementwise(int64_t n, const std::array<const T*, NIN>& in, const std::arra
   });
 }
 
-}  // namespace metalcore::cpu
+}  // namespace metalcore::cpu::CPU_CAPABILITY

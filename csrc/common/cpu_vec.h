@@ -9,7 +9,16 @@
 
 #include <type_traits>
 
-namespace metalcore::cpu {
+#ifndef CPU_CAPABILITY
+#error "only for *_cpu_kernel.cpp files, which are compiled once per CPU_CAPABILITY"
+#endif
+
+// Everything here lives in the capability's namespace: these helpers take and return
+// at::vec::Vectorized values, whose width differs per build (32 bytes for AVX2, 64 for AVX512).
+// Shared across builds, one name would have several layouts: wherever the compiler did not
+// inline them (an -O1 + ASan build did not), the linker kept one build's copy for all, and the
+// AVX512 kernels read the upper half of every 16-bit chunk from an AVX2 helper (garbage).
+namespace metalcore::cpu::CPU_CAPABILITY {
 
 template <typename T>
 using opmath_t = at::opmath_type<T>;
@@ -137,4 +146,4 @@ inline Chunk<T> round_chunk(const Chunk<T>& c) {
   }
 }
 
-}  // namespace metalcore::cpu
+}  // namespace metalcore::cpu::CPU_CAPABILITY

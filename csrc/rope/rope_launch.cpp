@@ -65,13 +65,12 @@ struct MetalKernels {
   void apply(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
              bool interleaved, bool transpose, const rope::Dims& dm, const at::Tensor& q_out,
              const at::Tensor& k_out) const {
-    // The kernel reads both tables with one set of strides.
-    TORCH_CHECK_VALUE(cos.strides() == sin.strides(), "metalcore.",
-                      transpose ? "rope_backward" : "rope",
-                      ": 'cos' and 'sin' must have the same strides, got ", cos.strides(), " and ",
-                      sin.strides());
-    encode(enc, q, cos, sin, q_out, dm.rot, interleaved, transpose);
-    encode(enc, k, cos, sin, k_out, dm.rot, interleaved, transpose);
+    // The kernel reads both tables with one set of strides: tables laid out differently (rare,
+    // and small: [batch or 1, seq, rot]) are read through contiguous copies.
+    const bool same = cos.strides() == sin.strides();
+    const at::Tensor c = same ? cos : cos.contiguous(), s = same ? sin : sin.contiguous();
+    encode(enc, q, c, s, q_out, dm.rot, interleaved, transpose);
+    encode(enc, k, c, s, k_out, dm.rot, interleaved, transpose);
   }
 };
 

@@ -26,4 +26,15 @@ inline float one_plus_erf(float u) { return u >= 0.0f ? 2.0f - erfc_nonneg(u) : 
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + metal::precise::exp(-x)); }
 
+// e^z - 1 with a small relative error for every z (Metal has no expm1): exp(z) - 1 cancels for
+// small |z|, where the Taylor series to z^7 is exact to float precision (next term < 3e-13).
+inline float expm1(float z) {
+  if (metal::fabs(z) < 0.1f) {
+    return z * (1.0f +
+                z * (0.5f + z * (1.0f / 6 + z * (1.0f / 24 +
+                                                 z * (1.0f / 120 + z * (1.0f / 720 + z / 5040))))));
+  }
+  return metal::precise::exp(z) - 1.0f;
+}
+
 }  // namespace metalcore
