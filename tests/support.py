@@ -97,3 +97,24 @@ def export_roundtrip(module, args, dynamic_shapes, other_args, tmp_path, expect_
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     loaded_out = torch.load(outputs)
     torch.testing.assert_close(loaded_out, module(*other_args))
+
+
+def raised(fn, *args, **kwargs) -> BaseException | None:
+    """The exception ``fn(*args, **kwargs)`` raises, or None (for comparing backends' errors)."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # every exception is data here
+        return e
+    return None
+
+
+def tensors_in(obj):
+    """Every tensor in nested lists, tuples and dict values."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from tensors_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from tensors_in(o)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import metalcore
 from metalcore.testing import reference as ref
-from tests.support import assert_close, export_roundtrip
+from tests.support import assert_close, export_roundtrip, raised, tensors_in
 
 ops = torch.ops.metalcore
 
@@ -660,14 +660,6 @@ def _moved(obj):
     return obj
 
 
-def _raised(fn, args):
-    try:
-        fn(*args)
-    except Exception as e:  # every exception is data here
-        return e
-    return None
-
-
 def test_bad_inputs_raise_the_cpu_errors():
     from metalcore.testing.op_specs import SPECS
 
@@ -677,12 +669,10 @@ def test_bad_inputs_raise_the_cpu_errors():
             continue
         for bad in spec.bad_inputs:
             args, kwargs = bad.make()
-            if kwargs or any(
-                isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in _flat(args)
-            ):
+            if kwargs or any(t.device.type != "cpu" for t in tensors_in(args)):
                 continue  # device-mixing cases route differently by design
-            cpu_err = _raised(spec.overload(), args)
-            cuda_err = _raised(spec.overload(), _moved(args))
+            cpu_err = raised(spec.overload(), *args)
+            cuda_err = raised(spec.overload(), *_moved(args))
             if cpu_err is None or "lr" in bad.description:
                 continue  # a CUDA lr tensor is read by the kernel, not range-checked on the host
             assert cuda_err is not None, f"{name}: CUDA accepted {bad.description}"
@@ -690,11 +680,3 @@ def test_bad_inputs_raise_the_cpu_errors():
             assert str(cuda_err) == str(cpu_err), (name, bad.description)
             checked += 1
     assert checked > 20
-
-
-def _flat(obj):
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _flat(o)
-    else:
-        yield obj

@@ -6,9 +6,9 @@ gets the Metal backend's own message."""
 import copy
 
 import pytest
-import torch
 
 from metalcore.testing.op_specs import SPECS
+from tests.support import raised, tensors_in
 
 CASES = [
     (name, i)
@@ -25,25 +25,6 @@ MSIM_ONLY = {
 }
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
-def _raised(fn, args, kwargs):
-    try:
-        fn(*args, **kwargs)
-    except Exception as e:  # every exception is data here
-        return e
-    return None
-
-
 @pytest.mark.parametrize(
     "op,case", CASES, ids=[f"{n}-{SPECS[n].bad_inputs[i].description}" for n, i in CASES]
 )
@@ -55,10 +36,10 @@ def test_metal_path_raises_the_cpu_error(mops, op, case):
     if (op, bad.description) in MSIM_ONLY:
         pytest.skip(MSIM_ONLY[op, bad.description])
     args, kwargs = bad.make()
-    if any(t.device.type != "cpu" for t in _tensors([args, kwargs])):
+    if any(t.device.type != "cpu" for t in tensors_in([args, kwargs])):
         pytest.skip("the msim ops only have CPU-key kernels; device routing is the dispatcher's")
-    cpu_err = _raised(spec.overload(), copy.deepcopy(args), copy.deepcopy(kwargs))
-    metal_err = _raised(getattr(mops, op).default, args, kwargs)
+    cpu_err = raised(spec.overload(), *copy.deepcopy(args), **copy.deepcopy(kwargs))
+    metal_err = raised(getattr(mops, op).default, *args, **kwargs)
     assert cpu_err is not None and metal_err is not None, (cpu_err, metal_err)
     if "on the Metal backend" in str(metal_err):
         pytest.skip(f"the Metal backend rejects this input earlier: {metal_err}")
