@@ -602,3 +602,32 @@ def test_bad_inputs_name_op_and_argument(build, exc, pattern):
     with pytest.raises(exc, match=pattern):
         ops.adamw(*args)
     assert all(torch.equal(a, b) for a, b in zip(args[5], steps_before, strict=True))
+
+
+def test_step_bumps_version_counters_like_torch_inplace_ops():
+    state = make_state([5, 3], torch.float32, amsgrad=True)
+    grads = [torch.randn(5), torch.randn(3)]
+    mutated = [
+        t
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+        for t in state[k]
+    ]
+    before = [t._version for t in mutated]
+    run_op(state, grads, lr=1e-3, amsgrad=True)
+    assert [t._version for t in mutated] == [v + 1 for v in before]
+    assert [g._version for g in grads] == [0, 0]  # read, not written
+    # A rejected call mutates nothing, so it bumps nothing.
+    with pytest.raises(ValueError):
+        run_op(state, grads[:1], lr=1e-3, amsgrad=True)
+    assert [t._version for t in mutated] == [v + 1 for v in before]
+
+
+def test_step_on_a_tensor_saved_for_backward_raises_instead_of_a_wrong_gradient():
+    w = torch.randn(4, requires_grad=True)
+    loss = (w * w).sum()  # saves w for backward
+    with torch.no_grad():
+        metalcore.adamw_step(
+            [w], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], [torch.tensor(0.0)], lr=0.1
+        )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
