@@ -81,35 +81,39 @@ __device__ __forceinline__ void load_table(const C* p, A (&o)[VEC]) {
   }
 }
 
-// Launch geometry: threads = slots x heads_per_block x tokens_per_block, grid = (token groups,
-// head groups).
+// Launch geometry: blocks of (slots, heads_per_block, tokens_per_block) threads over a grid of
+// (seq groups, head groups, batch), so a thread finds its slot, head and token without an integer
+// division. Measured on an H100 (bench shape, bench/results/README.md), forward: 2503 GB/s with a
+// 1-D block and runtime divisions, 2110 with a batch loop in the kernel (80 registers), 2536
+// without it (46 registers), 2573 when capped at 42 registers (3 blocks of 512 threads per SM).
 struct Geometry {
   int slots, rslots, heads_per_block, tokens_per_block;
 };
 
-template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool INTERLEAVED, bool BWD>
-__global__ void __launch_bounds__(512)
-    rope_kernel(const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks,
-                const C* __restrict__ cos, const C* __restrict__ sin, int64_t tb, int64_t ts,
-                int64_t sb, int64_t ss, T* __restrict__ qo, T* __restrict__ ko, int tokens, int seq,
-                int hq, int hk, int d, int rot, Geometry g) {
+// One slot (VEC features, or a pair of them) of head h of token (b, s). Offsets are computed in
+// index type I: int32 when every offset of the call fits (half the integer instructions of
+// int64 address math; fewer instructions before the loads means more bytes in flight). FULL:
+// rot == head_dim, no pass-through slots.
+template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool INTERLEAVED, bool BWD,
+          typename I, bool FULL>
+__device__ __forceinline__ void rope_slot(const T* __restrict__ q, const Strides& qs,
+                                          const T* __restrict__ k, const Strides& ks,
+                                          const C* __restrict__ cos, const C* __restrict__ sin,
+                                          int64_t tb, int64_t ts, int64_t sb, int64_t ss,
+                                          T* __restrict__ qo, T* __restrict__ ko, I b, I s, int h,
+                                          int slot, int seq, int hq, int hk, int d, int rot,
+                                          int rslots) {
   using A = acc_t<T>;
-  const int slot = threadIdx.x % g.slots;
-  const int r = threadIdx.x / g.slots;
-  const int h = blockIdx.y * g.heads_per_block + r % g.heads_per_block;
-  const int tok = blockIdx.x * g.tokens_per_block + r / g.heads_per_block;
-  if (h >= hq + hk || tok >= tokens) return;
-  const int64_t b = tok / seq, s = tok % seq;
-
   const int half = rot / 2;
-  const bool rotated = slot < g.rslots;
+  const bool rotated = FULL || slot < rslots;
   // Feature offsets: e0 (and e1 = e0 + rot/2 for the half-split layout), or the pass-through.
-  const int e0 = rotated ? slot * VEC : rot + (slot - g.rslots) * VEC;
+  const int e0 = rotated ? slot * VEC : rot + (slot - rslots) * VEC;
   const int e1 = e0 + half;
   const int valid = rotated ? VEC : min(VEC, d - e0);
-  const T* x =
-      h < hq ? q + b * qs.b + h * qs.h + s * qs.s : k + b * ks.b + (h - hq) * ks.h + s * ks.s;
-  T* y = h < hq ? qo + ((b * hq + h) * seq + s) * d : ko + ((b * hk + h - hq) * seq + s) * d;
+  const T* x = h < hq ? q + (b * I(qs.b) + I(h) * I(qs.h) + s * I(qs.s))
+                      : k + (b * I(ks.b) + I(h - hq) * I(ks.h) + s * I(ks.s));
+  T* y = h < hq ? qo + ((b * I(hq) + I(h)) * I(seq) + s) * I(d)
+                : ko + ((b * I(hk) + I(h - hq)) * I(seq) + s) * I(d);
 
   T x0[VEC], x1[VEC];
   load<T, VEC, ALIGNED>(x + e0, x0, valid);
@@ -117,8 +121,8 @@ __global__ void __launch_bounds__(512)
     store<T, VEC, ALIGNED>(y + e0, x0, valid);
     return;
   }
-  const C* cr = cos + b * tb + s * ts;
-  const C* sr = sin + b * sb + s * ss;
+  const C* cr = cos + (b * I(tb) + s * I(ts));
+  const C* sr = sin + (b * I(sb) + s * I(ss));
   A c0[VEC], s0[VEC];
   load_table<C, VEC, TALIGNED>(cr + e0, c0);
   load_table<C, VEC, TALIGNED>(sr + e0, s0);
@@ -158,7 +162,24 @@ __global__ void __launch_bounds__(512)
   }
 }
 
-template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool BWD>
+template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool INTERLEAVED, bool BWD,
+          typename I, bool FULL>
+__global__ void __launch_bounds__(512, 3)
+    rope_kernel(const T* __restrict__ q, Strides qs, const T* __restrict__ k, Strides ks,
+                const C* __restrict__ cos, const C* __restrict__ sin, int64_t tb, int64_t ts,
+                int64_t sb, int64_t ss, T* __restrict__ qo, T* __restrict__ ko, int seq, int hq,
+                int hk, int d, int rot, int rslots) {
+  const int slot = threadIdx.x;
+  const int h = blockIdx.y * blockDim.y + threadIdx.y;
+  const unsigned s = blockIdx.x * blockDim.z + threadIdx.z;
+  if (h >= hq + hk || s >= static_cast<unsigned>(seq)) return;
+  rope_slot<T, C, VEC, ALIGNED, TALIGNED, INTERLEAVED, BWD, I, FULL>(
+      q, qs, k, ks, cos, sin, tb, ts, sb, ss, qo, ko, static_cast<I>(blockIdx.z), static_cast<I>(s),
+      h, slot, seq, hq, hk, d, rot, rslots);
+}
+
+template <typename T, typename C, int VEC, bool ALIGNED, bool TALIGNED, bool BWD,
+          typename I = int64_t, bool FULL = false>
 void launch_kernel(bool interleaved, const T* q, Strides qs, const T* k, Strides ks, const C* cp,
                    const C* sp, int64_t tb, int64_t ts, int64_t sb, int64_t ss, T* qo, T* ko,
                    const rope::Dims& dm, cudaStream_t stream) {
@@ -168,26 +189,55 @@ void launch_kernel(bool interleaved, const T* q, Strides qs, const T* k, Strides
   TORCH_CHECK(g.slots <= 512, "metalcore.rope: head_dim too large");
   const int64_t heads = dm.q_heads + dm.k_heads;
   // About 256-512 threads per block: all heads of a token when they fit, several tokens per
-  // block when a token has few slots.
+  // block when a token has few slots (at most 64, CUDA's limit on blockDim.z, and never more
+  // tokens than the sequence has).
   g.heads_per_block = static_cast<int>(std::min<int64_t>(heads, std::max(1, 512 / g.slots)));
-  g.tokens_per_block = std::max(1, 256 / (g.slots * g.heads_per_block));
-  const int threads = g.slots * g.heads_per_block * g.tokens_per_block;
-  const int64_t tokens = dm.batch * dm.seq;
-  TORCH_CHECK(tokens <= INT32_MAX && heads <= INT32_MAX, "metalcore.rope: batch * seq too large");
-  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(tokens, g.tokens_per_block)),
-                  static_cast<unsigned>(cuda::ceil_div(heads, g.heads_per_block)));
-  TORCH_CHECK(grid.y <= 65535, "metalcore.rope: too many heads");
-  const int nt = static_cast<int>(tokens), seq = static_cast<int>(dm.seq),
-            hq = static_cast<int>(dm.q_heads), hk = static_cast<int>(dm.k_heads),
-            d = static_cast<int>(dm.head_dim), rot = static_cast<int>(dm.rot);
-  if (interleaved) {
-    rope_kernel<T, C, VEC, ALIGNED, TALIGNED, true, BWD><<<grid, threads, 0, stream>>>(
-        q, qs, k, ks, cp, sp, tb, ts, sb, ss, qo, ko, nt, seq, hq, hk, d, rot, g);
-  } else {
-    rope_kernel<T, C, VEC, ALIGNED, TALIGNED, false, BWD><<<grid, threads, 0, stream>>>(
-        q, qs, k, ks, cp, sp, tb, ts, sb, ss, qo, ko, nt, seq, hq, hk, d, rot, g);
+  g.tokens_per_block = static_cast<int>(
+      std::min<int64_t>({dm.seq, 64, std::max(1, 256 / (g.slots * g.heads_per_block))}));
+  TORCH_CHECK(dm.seq <= INT32_MAX && dm.batch <= INT32_MAX && heads <= INT32_MAX,
+              "metalcore.rope: batch, seq or heads too large");
+  const dim3 block(static_cast<unsigned>(g.slots), static_cast<unsigned>(g.heads_per_block),
+                   static_cast<unsigned>(g.tokens_per_block));
+  const unsigned seq_blocks = static_cast<unsigned>(cuda::ceil_div(dm.seq, g.tokens_per_block));
+  const unsigned head_blocks = static_cast<unsigned>(cuda::ceil_div(heads, g.heads_per_block));
+  TORCH_CHECK(head_blocks <= 65535, "metalcore.rope: too many heads");
+  const int seq = static_cast<int>(dm.seq), hq = static_cast<int>(dm.q_heads),
+            hk = static_cast<int>(dm.k_heads), d = static_cast<int>(dm.head_dim),
+            rot = static_cast<int>(dm.rot);
+  // grid.z is the batch index, at most 65535 per launch: larger batches take several launches
+  // (a batch loop inside the kernel cost 17% of its speed, above).
+  constexpr int64_t kMaxGridZ = 65535;
+  for (int64_t b0 = 0; b0 < dm.batch; b0 += kMaxGridZ) {
+    const dim3 grid(seq_blocks, head_blocks,
+                    static_cast<unsigned>(std::min(kMaxGridZ, dm.batch - b0)));
+    const T* qb = q + b0 * qs.b;
+    const T* kb = k + b0 * ks.b;
+    const C* cb = cp + b0 * tb;
+    const C* sb0 = sp + b0 * sb;
+    T* qob = qo + b0 * dm.q_heads * dm.seq * dm.head_dim;
+    T* kob = ko + b0 * dm.k_heads * dm.seq * dm.head_dim;
+    if (interleaved) {
+      rope_kernel<T, C, VEC, ALIGNED, TALIGNED, true, BWD, I, FULL><<<grid, block, 0, stream>>>(
+          qb, qs, kb, ks, cb, sb0, tb, ts, sb, ss, qob, kob, seq, hq, hk, d, rot, g.rslots);
+    } else {
+      rope_kernel<T, C, VEC, ALIGNED, TALIGNED, false, BWD, I, FULL><<<grid, block, 0, stream>>>(
+          qb, qs, kb, ks, cb, sb0, tb, ts, sb, ss, qob, kob, seq, hq, hk, d, rot, g.rslots);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// True when every element offset the kernel computes for these tensors (and for the contiguous
+// outputs, the size of q and k) fits in int32.
+bool offsets_fit_int32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                       const at::Tensor& sin) {
+  auto span = [](const at::Tensor& t) {  // one past the largest element offset
+    int64_t last = 0;
+    for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+    return std::max<int64_t>(last + 1, t.numel());
+  };
+  return span(q) <= INT32_MAX && span(k) <= INT32_MAX && span(cos) <= INT32_MAX &&
+         span(sin) <= INT32_MAX;
 }
 
 template <typename T, typename C, bool BWD>
@@ -217,7 +267,11 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const 
   T* qop = qo.mutable_data_ptr<T>();
   T* kop = ko.mutable_data_ptr<T>();
   const cudaStream_t stream = cuda::current_stream();
-  if (aligned && table_aligned) {
+  if (aligned && table_aligned && dm.rot == dm.head_dim && offsets_fit_int32(q, k, cos, sin)) {
+    // The common case (full rotary, < 2^31 elements per tensor): int32 offsets, no pass-through.
+    launch_kernel<T, C, V, true, true, BWD, int32_t, true>(interleaved, qp, qs, kp, ks, cp, sp, tb,
+                                                           ts, sb, ss, qop, kop, dm, stream);
+  } else if (aligned && table_aligned) {
     launch_kernel<T, C, V, true, true, BWD>(interleaved, qp, qs, kp, ks, cp, sp, tb, ts, sb, ss,
                                             qop, kop, dm, stream);
   } else if (aligned) {
