@@ -210,6 +210,8 @@ ROPE_CASES = [
     (1, 2, 2, 3, 10, 6, None),  # rot/2 odd: scalar path
     (1, 7, 2, 3, 128, 64, None),  # odd head count with several heads per thread
     (1, 33, 3, 2, 256, 256, None),  # heads split over two blocks
+    (3, 1, 1, 200, 4, 4, None),  # 64 tokens per block, a partial last block
+    (70000, 2, 1, 1, 8, 8, 70000),  # batch beyond the grid's 65535 z-blocks: the batch loop
 ]
 
 
@@ -431,6 +433,47 @@ def test_cuda_graph_capture():
     assert float(st[0]) == 2.0
 
 
+def test_adamw_sign_off_counters_across_streams_and_graphs():
+    # Each stream reuses one sign-off counter that the kernel resets; a captured step gets its
+    # own. Steps alternate between two streams, eager and graph replays, and must match the CPU.
+    gen = torch.Generator().manual_seed(0)
+    sizes = [4096, 3, 70000]
+    p_cpu = [torch.randn(n, generator=gen) for n in sizes]
+    g_cpu = [torch.randn(n, generator=gen) for n in sizes]
+    cpu = dict(p=[t.clone() for t in p_cpu], m=[torch.zeros(n) for n in sizes])
+    cpu.update(v=[torch.zeros(n) for n in sizes], st=[torch.zeros(()) for _ in sizes])
+    dev = {k: [t.to(DEV) for t in ts] for k, ts in cpu.items()}
+    g_dev = [t.to(DEV) for t in g_cpu]
+    lr = torch.tensor(1e-2, device=DEV)
+
+    def step(state, grads, lr_):
+        metalcore.adamw_step(state["p"], grads, state["m"], state["v"], state["st"], lr=lr_)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    n_steps = 0
+    for _ in range(3):
+        step(dev, g_dev, lr)
+        with torch.cuda.stream(side):
+            step(dev, g_dev, lr)
+        side.synchronize()
+        n_steps += 2
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(dev, g_dev, lr)
+    for _ in range(3):
+        graph.replay()
+        step(dev, g_dev, lr)
+        n_steps += 2
+    torch.cuda.synchronize()
+    for _ in range(n_steps):
+        step(cpu, g_cpu, torch.tensor(1e-2))
+    assert [float(s) for s in dev["st"]] == [float(n_steps)] * len(sizes)
+    for a, b in zip(dev["p"], cpu["p"]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     x = torch.randn(3, 5, 64, device=DEV, dtype=dtype)
@@ -623,7 +666,10 @@ def test_swiglu_backward_has_no_overflowing_intermediates():
 
 def _moved(obj):
     if isinstance(obj, torch.Tensor):
-        return obj.to(DEV) if obj.device.type == "cpu" else obj
+        if obj.device.type != "cpu":
+            return obj
+        # Keep the layout (Tensor.to makes a sliced view contiguous, hiding a non-dense case).
+        return torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=DEV).copy_(obj)
     if isinstance(obj, (list, tuple)):
         return type(obj)(_moved(o) for o in obj)
     return obj
