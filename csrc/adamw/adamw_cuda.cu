@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "adamw/adamw_cuda.h"
@@ -138,13 +140,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   if (done == nullptr) return;  // no device step counters
-  // Every thread of this block has read the step (above) before thread 0 signs off; the block
-  // that signs off last increments the counters.
+  // Every thread of this block has read the step (above: the value fed its update) before
+  // thread 0 signs off, and the block that signs off last increments the counters, so no read
+  // can see an incremented step. Only the step reads must precede the sign-off, not this block's
+  // stores, so no memory fence: a __threadfence() here (waiting for the stores) cost 4% of the
+  // kernel's time on an H100 (bench/results/README.md).
   __syncthreads();
   __shared__ bool last;
   if (threadIdx.x == 0) {
-    __threadfence();
     last = atomicAdd(done, 1u) == gridDim.x - 1;
+    // Every other block has signed off: reset the counter for the stream's next launch.
+    if (last) *done = 0u;
   }
   __syncthreads();
   if (!last) return;
@@ -156,6 +162,32 @@ __global__ void __launch_bounds__(kThreads)
       *static_cast<float*>(meta.step[t]) += 1.0f;
     }
   }
+}
+
+// The sign-off counter for a launch on `stream`. Each stream keeps one counter for the process's
+// life, zeroed once and reset by the last block of every launch, so a step costs no allocation
+// and no memset. Launches on one stream
+// are ordered, so they never share the counter at the same time; each stream has its own. While
+// the stream is being captured into a CUDA graph, the graph gets its own counter instead, zeroed
+// by a captured memset, so replays never depend on state outside the graph.
+unsigned int* signoff_counter(cudaStream_t stream, const at::Device& device,
+                              at::Tensor& capture_counter) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const auto options = at::TensorOptions().device(device).dtype(at::kInt);
+  if (capture != cudaStreamCaptureStatusNone) {
+    capture_counter = at::empty({1}, options);
+    C10_CUDA_CHECK(cudaMemsetAsync(capture_counter.data_ptr(), 0, sizeof(int), stream));
+    return reinterpret_cast<unsigned int*>(capture_counter.data_ptr());
+  }
+  static std::mutex mutex;
+  // Never destroyed: freeing device memory during static destruction races the CUDA runtime's
+  // own teardown.
+  static auto* counters = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counter = (*counters)[{device.index(), stream}];
+  if (!counter.defined()) counter = at::zeros({1}, options);  // zeroed on this stream
+  return reinterpret_cast<unsigned int*>(counter.data_ptr());
 }
 
 template <typename P, typename S, int MAXT>
@@ -194,12 +226,11 @@ void launch_group(const std::vector<at::Tensor>& p, const std::vector<at::Tensor
   if (chunks == 0 && !device_steps) return;
   TORCH_CHECK(chunks < INT32_MAX, "metalcore.adamw: too many elements in one launch");
   const cudaStream_t stream = cuda::current_stream();
-  at::Tensor done;
-  if (device_steps) {  // sign-off counter, stream-ordered like the launch itself
-    done = at::empty({1}, p[idx[first]].options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(done.data_ptr(), 0, sizeof(int), stream));
-  }
-  auto* done_ptr = device_steps ? reinterpret_cast<unsigned int*>(done.data_ptr()) : nullptr;
+  // A captured step's counter; freeing it after the launch is enqueued is safe (the allocator is
+  // stream-ordered).
+  at::Tensor capture_counter;
+  unsigned int* done_ptr = nullptr;
+  if (device_steps) done_ptr = signoff_counter(stream, p[idx[first]].device(), capture_counter);
   const auto grid = static_cast<unsigned>(std::max<int64_t>(1, chunks));
   if (hp.amsgrad) {
     adamw_kernel<P, S, MAXT, true><<<grid, kThreads, 0, stream>>>(meta, hp, done_ptr);
@@ -234,13 +265,17 @@ void launch_adamw(const std::vector<at::Tensor>& p, const std::vector<at::Tensor
       for (size_t first = 0; first < idx.size(); first += 256) {
         const size_t count = std::min<size_t>(256, idx.size() - first);
         if (fp32_state && !std::is_same_v<P, float>) {
-          if (count <= 32) {
+          if (count <= 4) {
+            launch_group<P, float, 4>(p, g, m, v, mv, st, idx, first, count, hp);
+          } else if (count <= 32) {
             launch_group<P, float, 32>(p, g, m, v, mv, st, idx, first, count, hp);
           } else {
             launch_group<P, float, 256>(p, g, m, v, mv, st, idx, first, count, hp);
           }
         } else {
-          if (count <= 32) {
+          if (count <= 4) {
+            launch_group<P, P, 4>(p, g, m, v, mv, st, idx, first, count, hp);
+          } else if (count <= 32) {
             launch_group<P, P, 32>(p, g, m, v, mv, st, idx, first, count, hp);
           } else {
             launch_group<P, P, 256>(p, g, m, v, mv, st, idx, first, count, hp);
