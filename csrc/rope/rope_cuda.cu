@@ -85,7 +85,8 @@ __device__ __forceinline__ void load_table(const C* p, A (&o)[VEC]) {
 // (seq groups, head groups, batch), so a thread finds its slot, head and token without an integer
 // division. Measured on an H100 (bench shape, bench/results/README.md), forward: 2503 GB/s with a
 // 1-D block and runtime divisions, 2110 with a batch loop in the kernel (80 registers), 2536
-// without it (46 registers), 2573 when capped at 42 registers (3 blocks of 512 threads per SM).
+// without it (46 registers), 2573 when capped at 42 registers (3 blocks of 512 threads per SM),
+// 2753 with int32 offsets and no pass-through branch (rope_slot) on top.
 struct Geometry {
   int slots, rslots, heads_per_block, tokens_per_block;
 };
