@@ -186,21 +186,40 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return None
 
 
-def host_us(fn: Callable[[], object], device: str, calls: int = 2000) -> float:
-    """Host time per call when calls are enqueued back to back (tiny inputs: the device keeps
-    up, so this is the dispatch + launch cost the host pays)."""
-    for _ in range(50):
-        fn()
+def host_pair_us(
+    fn: Callable[[], object],
+    bare: Callable[[], object] | None,
+    device: str,
+    *,
+    calls: int = 200,
+    rounds: int = 31,
+) -> tuple[float, float | None, float | None]:
+    """Host microseconds per call of ``fn`` and of a baseline ``bare``, interleaved: each round
+    times a block of ``calls`` calls of each (in alternating order) and the result is the median
+    over rounds of each and of their per-round difference. Host time drifts by several
+    microseconds within a run (clocks, other processes); pairing the blocks round by round
+    cancels the drift that two separate long loops would each absorb."""
+    fns = [fn] if bare is None else [fn, bare]
+    for f in fns:
+        for _ in range(50):
+            f()
     sync(device)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        sync(device)
-        best = min(best, (t1 - t0) / calls * 1e6)
-    return best
+    per = [[] for _ in fns]
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            f = fns[i]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            t1 = time.perf_counter()
+            sync(device)  # the device drains outside the timed block
+            per[i].append((t1 - t0) / calls * 1e6)
+    us = statistics.median(per[0])
+    if bare is None:
+        return us, None, None
+    diff = statistics.median(a - b for a, b in zip(per[0], per[1], strict=True))
+    return us, statistics.median(per[1]), diff
 
 
 @dataclass
@@ -312,9 +331,10 @@ class Suite:
         """Host time per call of ``fn`` next to a bare one-kernel ATen op on ``x`` called the
         same way (``torch.ops.aten.neg.default``: the torch.ops entry, one allocation, one
         launch) and through its generated binding (``torch.neg``)."""
-        us = host_us(fn, self.device)
-        bare_ops = host_us(lambda: torch.ops.aten.neg.default(x), self.device)
-        bare_fast = host_us(lambda: torch.neg(x), self.device)
+        us, bare_ops, over_ops = host_pair_us(
+            fn, lambda: torch.ops.aten.neg.default(x), self.device
+        )
+        _, bare_fast, over_fast = host_pair_us(fn, lambda: torch.neg(x), self.device)
         row = Row(
             op,
             "tiny",
@@ -326,9 +346,9 @@ class Suite:
             None,
             None,
             host_us=us,
-            note=f"bare torch.ops.aten.neg {bare_ops:.2f} us (over it {us - bare_ops:+.2f})"
-            f"; torch.neg {bare_fast:.2f} us (over it {us - bare_fast:+.2f})"
-            + (f"; {note}" if note else ""),
+            note=f"bare torch.ops.aten.neg {bare_ops:.2f} us (over it {over_ops:+.2f})"
+            f"; torch.neg {bare_fast:.2f} us (over it {over_fast:+.2f})"
+            "; medians of 31 interleaved rounds of 200 calls" + (f"; {note}" if note else ""),
         )
         print(
             f"  {op:18s} host {provider:20s} {us:6.2f} us/call | bare torch.ops.aten.neg "
