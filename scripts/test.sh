@@ -20,6 +20,9 @@ if compgen -G "kernels/*.metal" >/dev/null; then
   python -m msim check kernels/ -I kernels
 fi
 
+echo "== CUDA kernels: compiled with nvcc (no GPU here; skipped without nvcc)"
+python scripts/cuda_compile_check.py --arch 90
+
 echo "== sanitizers (ASan + UBSan build, every op and CPU kernel build)"
 if [ $# -eq 0 ]; then bash scripts/sanitize.sh; fi
 
