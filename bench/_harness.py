@@ -188,26 +188,26 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
 
 def host_pair_us(
     fn: Callable[[], object],
-    bare: Callable[[], object] | None,
+    bare: Callable[[], object],
     device: str,
     *,
     calls: int = 200,
     rounds: int = 31,
-) -> tuple[float, float | None, float | None]:
-    """Host microseconds per call of ``fn`` and of a baseline ``bare``, interleaved: each round
-    times a block of ``calls`` calls of each (in alternating order) and the result is the median
-    over rounds of each and of their per-round difference. Host time drifts by several
-    microseconds within a run (clocks, other processes); pairing the blocks round by round
-    cancels the drift that two separate long loops would each absorb."""
-    fns = [fn] if bare is None else [fn, bare]
+) -> tuple[float, float, float]:
+    """Host microseconds per call of ``fn``, of a baseline ``bare``, and of their difference,
+    with tiny inputs (the device keeps up, so this is the dispatch + launch cost the host pays).
+    Interleaved: each round times a block of ``calls`` calls of each, in alternating order, and
+    each result is a median over rounds (the difference: of the per-round differences). Host
+    time drifts by microseconds within a run (clocks, other processes); pairing the blocks
+    round by round cancels the drift that two separate long loops would each absorb."""
+    fns = (fn, bare)
     for f in fns:
         for _ in range(50):
             f()
     sync(device)
-    per = [[] for _ in fns]
+    per: tuple[list[float], list[float]] = ([], [])
     for r in range(rounds):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
             f = fns[i]
             t0 = time.perf_counter()
             for _ in range(calls):
@@ -215,11 +215,8 @@ def host_pair_us(
             t1 = time.perf_counter()
             sync(device)  # the device drains outside the timed block
             per[i].append((t1 - t0) / calls * 1e6)
-    us = statistics.median(per[0])
-    if bare is None:
-        return us, None, None
     diff = statistics.median(a - b for a, b in zip(per[0], per[1], strict=True))
-    return us, statistics.median(per[1]), diff
+    return statistics.median(per[0]), statistics.median(per[1]), diff
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _worker(rank, world, init_file, out_dir, metalcore_opt):
         dist.destroy_process_group()
     # Skip interpreter finalization: gloo's worker threads can still be alive while Python
     # tears down; a CI run once saw a rank abort with "terminate called without an active
-    # exception" (not reproduced in 40 runs since). Errors above still propagate.
+    # exception" (not reproduced in 27 local runs). Errors above still propagate.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
