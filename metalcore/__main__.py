@@ -34,6 +34,7 @@ from metalcore import functional as mf
 from metalcore._dispatch import has_kernel
 from metalcore.nn.rotary import apply_rotary_torch
 from metalcore.testing import reference as ref
+from metalcore.testing.heap import keep_freed_cpu_memory
 
 # --- Device ----------------------------------------------------------------------------------
 
@@ -388,8 +389,14 @@ def _bench_shape(device: torch.device, m: int, n: int, full: bool, budget: float
 
 
 def run_benchmarks(device: torch.device, full: bool) -> tuple[list[BenchRow], str]:
-    found = suite_benchmarks(device, full)
-    return found if found is not None else inline_benchmarks(device, full)
+    note = ""
+    if device.type == "cpu" and keep_freed_cpu_memory():
+        note = (
+            "; CPU timings keep freed memory in the process (glibc would otherwise hand it back"
+            " and re-fault every page of each output and temporary on the next call)"
+        )
+    rows, source = suite_benchmarks(device, full) or inline_benchmarks(device, full)
+    return rows, source + note
 
 
 # --- Training comparison ---------------------------------------------------------------------
