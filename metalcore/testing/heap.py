@@ -6,7 +6,7 @@ output and temporaries are a few MB can then re-fault every page on every call: 
 faults for 16 MB take several milliseconds, more than the op's arithmetic, and whether a given call
 pays them depends on what ran before. A side-by-side timing then measures the allocator's state
 rather than the kernels (the main command's fused_add_rmsnorm at 2048x1024 read 0.92x to 3.24x
-eager over seven runs on a 2-core VM, 2.2x to 3.5x with freed memory kept). Keeping freed memory
+eager over seven runs on a 2-core VM, 2.2x to 3.9x with freed memory kept). Keeping freed memory
 makes every provider reuse its pages.
 """
 
