@@ -6,12 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    from . import _harness as h
-except ImportError:
-    import _harness as h
-
 import metalcore
+from metalcore.testing import bench as h
 
 
 def shape(device: str, quick: bool):

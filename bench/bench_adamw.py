@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from . import _harness as h
-except ImportError:
-    import _harness as h
-
 import metalcore
+from metalcore._dispatch import has_kernel
+from metalcore.testing import bench as h
 
 
 def config(device: str, quick: bool):
@@ -40,7 +37,7 @@ def run(suite: h.Suite) -> None:
     def mc():
         metalcore.adamw_step(params, grads, m, v, steps, lr=lr, weight_decay=0.01)
 
-    mc_ok = h.has_kernel("adamw", dev)
+    mc_ok = has_kernel("adamw", dev)
     if mc_ok:
         suite.measure("adamw", case, "step", "metalcore", dtype, mc, nbytes)
     else:

@@ -1,6 +1,7 @@
 """msim throughput benchmark (not a test): context-switch rate and kernel wall times.
 
 python bench/bench_msim.py            # prints a markdown table (copied into msim/README.md)
+                                      # about a minute on the 2-core VM
 """
 
 import os
@@ -104,6 +105,13 @@ def main() -> None:
                 f"{threads / t / 1e6:.0f} M threads/s",
             )
         )
+    # ulp mode's price: every bounded math call goes through the runtime hook (SiLU: one exp).
+    n = 1024 * 1024
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    y = np.empty_like(x)
+    for mode in ("off", "random"):
+        t = best_of(lib.dispatch, "silu_float", [x, y, n], (256,), threads=(n,), ulp=mode)
+        rows.append((f"silu_float 1M elements, ulp={mode}", f"{t * 1e3:.0f} ms", ""))
     print(f"| workload ({workers} workers) | wall time | CPU time | rate (wall) |")
     print("| --- | --- | --- | --- |")
     for r, cpu in zip(rows, CPU):

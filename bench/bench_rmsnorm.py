@@ -7,12 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    from . import _harness as h
-except ImportError:  # run as a script
-    import _harness as h
-
 import metalcore
+from metalcore.testing import bench as h
 from metalcore.testing import reference as ref
 
 EPS = 1e-6

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from . import _harness as h
-except ImportError:
-    import _harness as h
-
 import metalcore
+from metalcore._dispatch import has_kernel
+from metalcore.testing import bench as h
 
 ops = torch.ops.metalcore
 
@@ -59,7 +56,7 @@ def run(suite: h.Suite) -> None:
         return q, k, cos, sin
 
     provs = {"eager": hf_rope, "compile": h.compiled(hf_rope)}
-    if h.has_kernel("rope", dev):
+    if has_kernel("rope", dev):
         provs = {"metalcore": lambda q, k, c, s_: metalcore.rope(q, k, c, s_), **provs}
     else:
         print(f"  rope: no metalcore kernel for {dev} in this build")
@@ -104,7 +101,7 @@ def run(suite: h.Suite) -> None:
 
     q = torch.randn(1, 2, 4, 16, device=dev)
     c1 = torch.randn(4, 16, device=dev)
-    if h.has_kernel("rope", dev):
+    if has_kernel("rope", dev):
         suite.host("rope", "metalcore", lambda: ops.rope(q, q, c1, c1, False), q)
 
 

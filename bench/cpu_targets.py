@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import metalcore  # noqa: E402
+from metalcore.testing import bench as h  # noqa: E402
 from metalcore.testing import reference as ref  # noqa: E402
 
 
@@ -169,11 +169,8 @@ def main() -> int:
     )
 
     rows = []
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, capability "
-        f"{torch.backends.cpu.get_cpu_capability()}"
-    )
+    env = h.environment("cpu")
+    print(h.machine_label(env))
     header = (
         "| op | metalcore ms | GB/s | eager ms | torch.compile ms | vs eager | vs compile |",
         "|---|---|---|---|---|---|---|",
@@ -208,6 +205,7 @@ def main() -> int:
                 torch=torch.__version__,
                 threads=torch.get_num_threads(),
                 capability=torch.backends.cpu.get_cpu_capability(),
+                env=env,
                 rows=rows,
             ),
             indent=1,

@@ -3,12 +3,9 @@
 # compiler is installed (xcrun metal), else their sources are embedded and compiled at first use.
 enable_language(OBJCXX)
 
-set(METALCORE_METAL_SOURCES
-  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rmsnorm.metal
-  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/activation.metal
-  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/rope.metal
-  ${CMAKE_CURRENT_SOURCE_DIR}/kernels/adamw.metal
-)
+# Every kernels/*.metal file is one translation unit of the kernel library (a new family's file
+# is picked up without listing it here).
+file(GLOB METALCORE_METAL_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/kernels/*.metal)
 file(GLOB METALCORE_METAL_HEADERS CONFIGURE_DEPENDS
   ${CMAKE_CURRENT_SOURCE_DIR}/kernels/*.h ${CMAKE_CURRENT_SOURCE_DIR}/kernels/common/*.h)
 set(METALCORE_GENERATED_DIR ${CMAKE_CURRENT_BINARY_DIR}/generated)
@@ -61,14 +58,17 @@ else()
                  "embedded sources at first use")
 endif()
 
+# The launch layer registers each family's metalcore ops at the MPS key, on MetalEncoder
+# (csrc/common/metal_registration.h); csrc/mps/ holds the Encoder itself.
+file(GLOB METALCORE_MPS_SOURCES CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/csrc/mps/*.mm)
 target_sources(metalcore_ops PRIVATE
   ${METALCORE_LAUNCH_SOURCES}
-  csrc/mps/metal_encoder.mm
-  csrc/mps/mps_ops.cpp
+  ${METALCORE_MPS_SOURCES}
   ${METALCORE_KERNELS_HEADER})
+target_compile_definitions(metalcore_ops PRIVATE METALCORE_METAL_MPS)
 target_include_directories(metalcore_ops PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}
                                                  ${METALCORE_GENERATED_DIR})
 # PyTorch's MPS headers are written for manual reference counting.
-set_source_files_properties(csrc/mps/metal_encoder.mm PROPERTIES COMPILE_OPTIONS "-fno-objc-arc")
+set_source_files_properties(${METALCORE_MPS_SOURCES} PROPERTIES COMPILE_OPTIONS "-fno-objc-arc")
 target_link_libraries(metalcore_ops PRIVATE "-framework Foundation" "-framework Metal"
                       "-framework MetalPerformanceShaders" "-framework MetalPerformanceShadersGraph")

@@ -10,7 +10,6 @@ namespace activation_k {
 // flight; thread t of a group owns elements t, t + kThreads, ... of its block (coalesced loads).
 METALCORE_CONSTEXPR unsigned kThreads = 256;
 METALCORE_CONSTEXPR unsigned kIlp = 4;
-METALCORE_CONSTEXPR unsigned kBlock = kThreads * kIlp;  // elements per threadgroup
 
 struct Params {
   METALCORE_U64 numel;

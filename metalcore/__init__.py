@@ -23,11 +23,19 @@ from . import (  # noqa: E402
 )
 from .functional import (  # noqa: E402
     adamw_step,
+    attention,
+    cross_entropy,
+    fused_add_layer_norm,
     fused_add_rmsnorm,
+    fused_linear_cross_entropy,
     gelu,
+    layer_norm,
+    log_softmax,
     rmsnorm,
     rope,
+    scaled_dot_product_attention,
     silu,
+    softmax,
     swiglu,
 )
 from .integrations.hf import PatchHandle, patch  # noqa: E402  (transformers imported lazily)
@@ -37,6 +45,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "PatchHandle",
     "adamw_step",
+    "attention",
     "fused_add_rmsnorm",
     "gelu",
     "nn",
@@ -44,6 +53,33 @@ __all__ = [
     "patch",
     "rmsnorm",
     "rope",
+    "scaled_dot_product_attention",
     "silu",
     "swiglu",
+    # LayerNorm family
+    "fused_add_layer_norm",
+    "layer_norm",
+    # Softmax and cross-entropy family
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "log_softmax",
+    "softmax",
 ]
+
+# --- Linear algebra: metalcore.linalg mirrors torch.linalg (and registers the ops' autograd).
+from . import linalg  # noqa: E402
+
+__all__ += ["linalg"]  # noqa: PLE0605
+
+# --- Weight-only quantization (INT4/INT8 affine, GGUF blocks) and its quantizers.
+from . import quant  # noqa: E402
+from .quant import quantize_gguf, quantize_int4, quantize_int8  # noqa: E402, F401
+
+# The quantizers stay out of __all__: it lists the op wrappers (swept by the adversarial
+# tests); metalcore.quantize_int4 and friends are plain attributes, tested with metalcore.quant.
+__all__ += ["quant"]
+
+# --- embedding_bag and LoRA linear.
+from .functional import embedding_bag, lora_linear  # noqa: E402
+
+__all__ += ["embedding_bag", "lora_linear"]  # noqa: PLE0605

@@ -4,17 +4,27 @@ The library is Python-free: it only links libtorch, so the same file serves ``im
 (through ``torch.ops.load_library``) and C++ AOTInductor runners (through ``dlopen``). Loading it
 runs its static ``TORCH_LIBRARY`` registrations: every ``metalcore::`` schema, the CPU kernels,
 the autograd kernels and, where built, the MPS/CUDA kernels.
+
+The library works with the torch minor it was compiled against only (libtorch's C++ API and ABI
+change between minors). The build writes that torch's version next to it (``BUILD_RECORD``,
+CMakeLists.txt), and ``load`` compares it with the running torch before loading: a mismatch is an
+ImportError that says what to do, rather than an undefined-symbol error from the dynamic loader
+or a crash inside an op.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 _NAMES = ("libmetalcore_ops.so", "libmetalcore_ops.dylib", "metalcore_ops.dll")
+# Written by CMake next to the library: {"torch_version": "<torch.__version__ of the build>"}.
+BUILD_RECORD = "metalcore_build.json"
 
 
 def _candidates() -> list[Path]:
@@ -46,6 +56,34 @@ def library_path() -> Path:
     )
 
 
+def _minor(version: str) -> str:
+    m = re.match(r"\d+\.\d+", version)
+    return m.group(0) if m else version
+
+
+def check_torch_version(path: Path, running: str | None = None) -> None:
+    """Raises ImportError when the library at ``path`` was built against another torch minor than
+    the running one (``running``: ``torch.__version__`` unless given). A library without a record
+    (built by hand outside CMakeLists.txt) is not checked."""
+    running = torch.__version__ if running is None else running
+    record = path.with_name(BUILD_RECORD)
+    try:
+        built = json.loads(record.read_text())["torch_version"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ImportError(f"metalcore: cannot read the build record {record}: {e!r}") from e
+    if _minor(built) == _minor(running):
+        return
+    raise ImportError(
+        f"metalcore: the native library {path} was built against torch {built}, but this process "
+        f"runs torch {running}. The library only works with the torch minor it was compiled "
+        f"against ({_minor(built)}.x): install torch=={_minor(built)}.* or rebuild metalcore "
+        "against this torch (`pip install --no-build-isolation -e .`, or "
+        "`bash scripts/setup.sh` in a checkout)."
+    )
+
+
 _loaded: Path | None = None
 
 
@@ -53,6 +91,7 @@ def load() -> Path:
     global _loaded
     if _loaded is None:
         path = library_path()
+        check_torch_version(path)
         torch.ops.load_library(str(path))
         _loaded = path
     return _loaded

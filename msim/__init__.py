@@ -20,6 +20,6 @@ __all__ = [
 ]
 
 
-def load(metal_files, include_dirs=(), mode: str = "default", defines=()) -> Library:
-    """Build (cached) and open a kernel library in one step."""
-    return Library(build(metal_files, include_dirs, mode, defines))
+def load(metal_files, include_dirs=(), mode: str = "default", defines=(), kernels=None) -> Library:
+    """Build (cached) and open a kernel library in one step (`kernels`: host names to keep)."""
+    return Library(build(metal_files, include_dirs, mode, defines, kernels))

@@ -2,9 +2,11 @@
 
 python -m msim check kernels/ -I kernels          # strict address-space compile of every .metal
 python -m msim list kernels/rmsnorm.metal -I kernels
-python -m msim run kernels/rmsnorm.metal rmsnorm_float --threadgroups 4 --tg 256 --n 4096
+python -m msim run msim/examples/saxpy.metal saxpy --threads 1000 --tg 64 --set 3=2.5
+python -m msim run --spec msim/examples/saxpy.json  # a dispatch described in JSON (msim/spec.py)
 python -m msim run ... --race                      # same, under ThreadSanitizer
 python -m msim coverage kernels/ cov.txt           # fail if a host name was never dispatched
+python -m msim doctor                              # is every tool msim needs installed?
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import spec as S
 from .host import _NP_TYPES, Library, MetalError
 
 B = importlib.import_module("msim.build")  # the package re-exports build() over the module name
@@ -32,8 +35,9 @@ def _dims(text: str) -> tuple[int, ...]:
 
 
 def _cmd_check(args) -> int:
-    files = B.check(args.paths, args.include, args.define)
-    print(f"msim check: {len(files)} file(s) compile in strict address-space mode")
+    files = B.check(args.paths, args.include, args.define, mode=args.mode)
+    what = "strict address-space mode" if args.mode == "strict" else "default mode (syntax only)"
+    print(f"msim check: {len(files)} file(s) compile in {what}")
     return 0
 
 
@@ -72,9 +76,23 @@ def _random_args(lib: Library, name: str, n: int, sets: dict[int, str], rng, con
     return args
 
 
+def _print_buffers(buffers: dict) -> None:
+    for idx, buf in sorted(buffers.items()):
+        if isinstance(buf, np.ndarray) and buf.size > 1:
+            print(f"  buffer({idx}): {buf.dtype}[{buf.size}] first {buf.reshape(-1)[:4].tolist()}")
+
+
 def _cmd_run(args) -> int:
     mode = "tsan" if args.race else "default"
-    lib_path = B.build([args.file], args.include, mode=mode, defines=args.define)
+    if args.spec:
+        if args.file or args.kernel:
+            raise S.SpecError("give either --spec or FILE KERNEL, not both")
+        spec, base = S.load(args.spec)
+        lib_path = S.library_path(spec, base, mode)
+    elif not (args.file and args.kernel):
+        raise S.SpecError("msim run needs FILE KERNEL or --spec FILE.json")
+    else:
+        lib_path = B.build([args.file], args.include, mode=mode, defines=args.define)
     if args.race and os.environ.get(_RACE_ENV) != "1":
         env = dict(os.environ, LD_PRELOAD=B.tsan_runtime(), **{_RACE_ENV: "1"})
         symbolizer = shutil.which("llvm-symbolizer-19")
@@ -83,9 +101,16 @@ def _cmd_run(args) -> int:
             "exitcode=66" + (f" external_symbolizer_path={symbolizer}" if symbolizer else ""),
         )
         return subprocess.run(
-            [sys.executable, "-m", "msim", *sys.argv[1:]], env=env, check=False
+            [sys.executable, "-m", "msim", *args.argv], env=env, check=False
         ).returncode
     lib = Library(lib_path)
+    if args.spec:
+        t0 = time.perf_counter()
+        buffers = S.run(spec, base, lib)
+        dt = time.perf_counter() - t0
+        print(f"msim run: {spec['kernel']} ok in {dt * 1e3:.1f} ms")
+        _print_buffers(buffers)
+        return 0
     sets = dict(s.split("=", 1) for s in args.set)
     tg_mem = {int(k): int(v) for k, v in (s.split("=", 1) for s in args.tg_mem)}
     constants = {int(k): float(v) for k, v in (s.split("=", 1) for s in args.fc)}
@@ -114,10 +139,18 @@ def _cmd_run(args) -> int:
     )
     dt = time.perf_counter() - t0
     print(f"msim run: {args.kernel} ok in {dt * 1e3:.1f} ms")
-    for idx, buf in sorted(buffers.items()):
-        if isinstance(buf, np.ndarray) and buf.size > 1:
-            print(f"  buffer({idx}): {buf.dtype}[{buf.size}] first {buf[:4].tolist()}")
+    _print_buffers(buffers)
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    report = B.toolchain_report()
+    for what, ok, detail in report:
+        print(f"{'ok ' if ok else 'MISSING'} {what}: {detail}")
+    required = [r for r in report if "optional" not in r[0] and "race mode" not in r[0]]
+    missing = [r for r in required if not r[1]]
+    print("msim doctor: " + ("ready" if not missing else f"{len(missing)} requirement(s) missing"))
+    return 1 if missing else 0
 
 
 def _cmd_coverage(args) -> int:
@@ -146,6 +179,12 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("check", help="strict address-space compile check (CI lint)")
     p.add_argument("paths", nargs="+")
+    p.add_argument(
+        "--mode",
+        default="strict",
+        choices=["strict", "syntax"],
+        help="strict: address spaces kept apart (default); syntax: what `build` compiles",
+    )
     common(p)
     p = sub.add_parser("build", help="build (cached) and print the kernel library path")
     p.add_argument("paths", nargs="+")
@@ -154,9 +193,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("list", help="list host names and their signatures")
     p.add_argument("paths", nargs="+")
     common(p)
-    p = sub.add_parser("run", help="run one kernel on random inputs")
-    p.add_argument("file")
-    p.add_argument("kernel")
+    p = sub.add_parser("run", help="run one kernel on random inputs, or a JSON-described dispatch")
+    p.add_argument("file", nargs="?")
+    p.add_argument("kernel", nargs="?")
+    p.add_argument("--spec", help="a JSON file describing the dispatch (see msim/spec.py)")
     p.add_argument("--threads", help="dispatch_threads grid, e.g. 1000 or 64,64")
     p.add_argument("--threadgroups", help="dispatch_threadgroups grid (default 1)")
     p.add_argument("--tg", default="64", help="threads per threadgroup, e.g. 256 or 16,16")
@@ -170,10 +210,13 @@ def main(argv=None) -> int:
         "--race", action="store_true", help="run under ThreadSanitizer (exit 66 on race)"
     )
     common(p)
+    sub.add_parser("doctor", help="check that clang, Boost.Context and the other tools exist")
     p = sub.add_parser("coverage", help="fail when a kernel was never dispatched")
     p.add_argument("kernels", nargs="+", help="a .metal folder, then coverage files")
     common(p)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    args.argv = argv  # race mode reruns the same command under ThreadSanitizer
     if args.cmd == "coverage":
         args.files = [a for a in args.kernels if not a.endswith(".metal") and Path(a).is_file()]
         args.kernels = [a for a in args.kernels if a not in args.files]
@@ -183,10 +226,11 @@ def main(argv=None) -> int:
         "list": _cmd_list,
         "run": _cmd_run,
         "coverage": _cmd_coverage,
+        "doctor": _cmd_doctor,
     }
     try:
         return handlers[args.cmd](args)
-    except (B.BuildError, MetalError) as e:
+    except (B.BuildError, MetalError, S.SpecError) as e:
         print(e, file=sys.stderr)
         return 1
 

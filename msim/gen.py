@@ -14,9 +14,16 @@ It then appends one trampoline per host name that binds buffers and thread ids b
 
 from __future__ import annotations
 
+import re
+
 from .msl_kernels import ID_ATTRS, UNSUPPORTED_ATTRS, Kernel, find_kernels
 from .msl_parse import GenError, Unit, attr_lists, err, parse_attrs, scope_kinds, tokenize
-from .msl_rewrite import function_constants, rewrite_exprs, rewrite_threadgroup_vars
+from .msl_rewrite import (
+    dedupe_address_space_overloads,
+    function_constants,
+    rewrite_exprs,
+    rewrite_threadgroup_vars,
+)
 
 __all__ = ["GenError", "Kernel", "generate"]
 
@@ -108,8 +115,15 @@ def _c_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def generate(preprocessed: str, shim_dirs: tuple[str, ...]) -> tuple[str, list[Kernel]]:
-    """Rewrite one preprocessed .metal unit; returns (C++ source, kernels found)."""
+def generate(
+    preprocessed: str, shim_dirs: tuple[str, ...], only: set[str] | None = None
+) -> tuple[str, list[Kernel]]:
+    """Rewrite one preprocessed .metal unit; returns (C++ source, kernels found).
+
+    `only`: host names to keep. Explicit instantiations of other kernels are dropped before
+    compiling (a corpus such as ggml's mul_mv.metal instantiates 138 kernels; a test needs one),
+    and only the kept kernels are registered.
+    """
     u = Unit(tokenize(preprocessed, shim_dirs))
     attr_at = {}
     for start, end in attr_lists(u):
@@ -117,12 +131,41 @@ def generate(preprocessed: str, shim_dirs: tuple[str, ...]) -> tuple[str, list[K
         for name, _, tok in attr_at[start][1]:
             if name in UNSUPPORTED_ATTRS:
                 raise err(tok, f"msim does not support {UNSUPPORTED_ATTRS[name]}")
+    for t in u.toks:
+        # `#pragma unroll (MIN(a, b))` reaches the compiler unexpanded after `clang -E`, where
+        # MIN no longer exists; unroll hints do not change what a kernel computes.
+        if t.kind == "dir" and re.match(r"#\s*pragma\s+(no)?unroll\b", t.text):
+            t.text = ""
+    known = {t.text for t in u.toks if t.shim and t.text.startswith("__metal_")}
+    for t in u.toks:
+        if not t.shim and t.kind == "id" and t.text.startswith("__metal_") and t.text not in known:
+            raise err(
+                t,
+                f"msim does not model the Apple-internal builtin '{t.text}' (its meaning is not "
+                "documented); use the public MSL function",
+            )
     kinds, paths = scope_kinds(u, attr_at)
     fc_index = function_constants(u, attr_at, kinds, rewrite=False)
     kernels = find_kernels(u, attr_at, kinds, paths, fc_index)
+    hosts = {kern.host_name for kern in kernels}
+    for _, attrs in attr_at.values():
+        for name, arg, tok in attrs:
+            if (
+                name == "host_name"
+                and "".join(re.findall(r'"((?:\\.|[^"\\])*)"', arg)) not in hosts
+            ):
+                # A kernel the generator did not recognise would be missing from the library.
+                raise err(tok, f"msim found no kernel declaration for [[host_name({arg})]]")
+    if only is not None:
+        for kern in kernels:
+            if kern.host_name not in only and kern.inst_span:
+                for j in range(kern.inst_span[0], kern.inst_span[1] + 1):
+                    u.blank(u.sig[j])
+        kernels = [kern for kern in kernels if kern.host_name in only]
     function_constants(u, attr_at, kinds, rewrite=True)
-    rewrite_threadgroup_vars(u, kinds)
-    rewrite_exprs(u)
+    rewrite_threadgroup_vars(u, kinds, attr_at)
+    dedupe_address_space_overloads(u, kinds)
+    rewrite_exprs(u, kinds)
     for start, (end, _) in attr_at.items():
         for j in range(start, end + 1):
             u.blank(u.sig[j])

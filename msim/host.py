@@ -158,6 +158,9 @@ _DTYPE_OK = {
 }
 
 
+_BYTE_TYPES = {"char", "uchar", "int8_t", "uint8_t", "void"}
+
+
 class Encoder:
     """Mirror of a Metal compute encoder; bindings persist across dispatches."""
 
@@ -237,7 +240,8 @@ class Encoder:
             obj, offset, length = arg.obj, arg.offset, arg.length
         info = _array_info(obj)
         if info is not None:
-            ok = _DTYPE_OK.get(p.scalar)
+            # Byte pointers (`device const char*`, as ggml binds every tensor) take any array.
+            ok = None if p.scalar in _BYTE_TYPES else _DTYPE_OK.get(p.scalar)
             if ok and info[2] not in ok:
                 raise MetalError(
                     f"kernel '{self.kernel.name}' buffer({index}) '{p.name}' is '{p.type}' but "

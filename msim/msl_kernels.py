@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .msl_parse import MARKERS, GenError, Unit, err, match_angle, match_close, split_top
+from .msl_parse import MARKERS, GenError, Unit, err, int_expr, match_angle, match_close, split_top
 
 ID_ATTRS = {
     "thread_position_in_grid": ("thread_position_in_grid", 3),
@@ -35,6 +35,9 @@ UNSUPPORTED_ATTRS = {
 }
 
 
+_AUTO_KIND = {"device": "buffer", "constant": "buffer", "threadgroup": "threadgroup"}
+
+
 @dataclasses.dataclass
 class Param:
     kind: str  # buffer | threadgroup | id
@@ -54,6 +57,7 @@ class Kernel:
     file: str
     line: int
     max_threads: int = 0
+    inst_span: tuple[int, int] | None = None  # sig positions of an explicit instantiation
 
 
 def _parse_param(u: Unit, pos: list[int], attr_at: dict) -> tuple:
@@ -113,6 +117,8 @@ def find_kernels(
             if not u.toks[s[stmt_start]].shim:
                 kern = _parse_decl(u, attr_at, stmt_start, k, paths[k], templates, fc_index or {})
                 if kern:
+                    if u.toks[s[stmt_start]].text == "template" and t.text == ";":
+                        kern.inst_span = (stmt_start, k)
                     kernels.append(kern)
             stmt_start = k + 1
         elif t.text == "}":
@@ -152,6 +158,9 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
         tt = u.toks[s[k]].text
         if tt == "__msim_kernel":
             has_kernel_kw = True
+        if tt in ("decltype", "__attribute__", "alignas") and u.toks[s[k + 1]].text == "(":
+            k = match_close(u, k + 1, "(", ")") + 1  # a type, not the parameter list
+            continue
         if tt == "<" and k > lo and re.fullmatch(r"\w+", u.toks[s[k - 1]].text):
             k = match_angle(u, k) + 1
             continue
@@ -159,11 +168,15 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
             paren = k
             break
         k += 1
-    if paren is None:
-        return None
     is_kernel = has_kernel_kw or any(a[0] == "kernel" for a in outer_attrs)
-    # Name (plus template arguments for instantiations) right before '('.
-    name_end = paren - 1
+    if paren is None and not is_inst:
+        if is_kernel or any(a[0] == "host_name" for a in outer_attrs):
+            raise err(u.toks[s[lo]], "msim cannot parse this kernel declaration")
+        return None
+    # Name (plus template arguments for instantiations) right before '(', or before ';' for an
+    # instantiation through a function type: `template [[host_name("x")]] kernel kernel_t f<T>;`
+    # where `typedef decltype(f<float>) kernel_t;` (or `decltype(f<T>) f<T>;` as MLX writes it).
+    name_end = (paren if paren is not None else hi) - 1
     targs = ""
     if u.toks[s[name_end]].text in (">", ">>"):
         depth = 0
@@ -178,7 +191,16 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
         name_end = j - 1
     name_tok = u.toks[s[name_end]]
     name = name_tok.text
-    qual = "::" + "::".join(ns_path + [name]) if ns_path else "::" + name
+    scope = list(ns_path)
+    q = name_end  # an explicitly qualified name: `template ... void ns::k<float>(...)`
+    while (
+        q - 2 >= lo
+        and u.toks[s[q - 1]].text == "::"
+        and re.fullmatch(r"\w+", u.toks[s[q - 2]].text)
+    ):
+        scope.insert(len(ns_path), u.toks[s[q - 2]].text)
+        q -= 2
+    qual = "::" + "::".join(scope + [name])
     if is_inst and not is_kernel and qual in templates:
         is_kernel = True
     if not is_kernel:
@@ -186,10 +208,15 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
     for a in outer_attrs:
         if a[0] in UNSUPPORTED_ATTRS:
             raise err(a[2], f"msim does not support {UNSUPPORTED_ATTRS[a[0]]}")
-    close = match_close(u, paren, "(", ")")
     params = []
-    for part in split_top(u, paren + 1, close, attr_at):
-        params.append(_parse_param(u, part, attr_at))
+    if paren is None:  # instantiated through a function type: the definition's parameters
+        if not targs or qual not in templates:
+            raise err(name_tok, f"msim cannot find the kernel template '{name}' instantiated here")
+        params = [(b[0], b[1], b[2], b[3], b[4]) for b in templates[qual]]
+    else:
+        close = match_close(u, paren, "(", ")")
+        for part in split_top(u, paren + 1, close, attr_at):
+            params.append(_parse_param(u, part, attr_at))
     if is_template_def:
         templates[qual] = params
         return None
@@ -201,7 +228,7 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
         if a[0] == "host_name":
             host = "".join(re.findall(r'"((?:\\.|[^"\\])*)"', a[1]))
         elif a[0] == "max_total_threads_per_threadgroup":
-            max_threads = int(a[1], 0)
+            max_threads = int_expr(a[1]) or 0
     if is_inst:
         if not any(a[0] == "host_name" for a in outer_attrs):
             raise err(name_tok, f"explicit kernel instantiation of '{name}' needs [[host_name]]")
@@ -212,6 +239,14 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
             params = [(b[0], p[1], p[2] or b[2], p[3], p[4]) for b, p in zip(base, params)]
     out = []
     used: dict[tuple, str] = {}
+    # Metal numbers buffer (and threadgroup) parameters without an index attribute in
+    # declaration order, taking the lowest index no attributed parameter uses.
+    taken = {
+        (a_name, int_expr(a_arg))
+        for attrs, *_ in params
+        for a_name, a_arg, _ in attrs
+        if a_name in ("buffer", "threadgroup")
+    }
     for attrs, type_text, pname, passing, space in params:
         label = pname or "<unnamed>"
         binding = None
@@ -219,19 +254,28 @@ def _parse_decl(u, attr_at, lo, hi, ns_path, templates, fc_index) -> Kernel | No
         for a_name, a_arg, a_tok in attrs:
             if a_name == "function_constant":
                 cond = fc_index.get(a_arg.strip(), a_arg.strip())
-                if not cond.isdigit():
+                if not cond.isdigit():  # the attribute names the constant, not its index
                     raise err(a_tok, f"'{a_arg.strip()}' is not a function constant")
             if a_name in UNSUPPORTED_ATTRS:
                 raise err(a_tok, f"msim does not support {UNSUPPORTED_ATTRS[a_name]}")
             if a_name in ("buffer", "threadgroup"):
-                binding = Param(a_name, str(int(a_arg, 0)), space, type_text, label, passing)
+                value = int_expr(a_arg)
+                if value is None:
+                    raise err(a_tok, f"[[{a_name}({a_arg})]]: the index is not an integer")
+                binding = Param(a_name, str(value), space, type_text, label, passing)
             elif a_name in ID_ATTRS:
                 binding = Param("id", a_name, space, type_text, label, passing)
+        if binding is None and passing in ("ptr", "ref") and space in _AUTO_KIND:
+            kind = _AUTO_KIND[space]
+            index = next(i for i in range(64) if (kind, i) not in taken)
+            taken.add((kind, index))
+            binding = Param(kind, str(index), space, type_text, label, passing)
         if binding is None:
             raise err(
                 name_tok,
                 f"parameter '{label}' of kernel '{host}' needs [[buffer(i)]], [[threadgroup(i)]]"
-                " or a thread-position attribute",
+                " or a thread-position attribute (only device, constant and threadgroup pointers"
+                " and references are numbered automatically)",
             )
         binding.cond = cond
         if binding.kind != "id":

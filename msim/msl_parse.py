@@ -87,6 +87,7 @@ class Unit:
     def __init__(self, toks: list[Tok]):
         self.toks = toks
         self.sig = [i for i, t in enumerate(toks) if t.kind not in ("ws", "dir")]
+        self.in_kernel: list[bool] = []  # set by scope_kinds
 
     def text(self, idxs) -> str:
         return " ".join(self.toks[i].text for i in idxs)
@@ -95,11 +96,28 @@ class Unit:
         self.toks[i].text = " " * len(self.toks[i].text)
 
 
+_INT_EXPR = re.compile(r"[\d\s+\-*/%()<>|&^~]+")
+
+
+def int_expr(text: str) -> int | None:
+    """Value of an integer constant expression made of literals and arithmetic (an attribute
+    argument such as `FC_BASE + 3` after preprocessing), or None."""
+    text = re.sub(r"(?<=[\da-fA-F])[uUlL]+\b", "", text.strip())
+    text = re.sub(r"0[xX][\da-fA-F]+", lambda m: str(int(m.group(), 16)), text)
+    if not text or not _INT_EXPR.fullmatch(text) or "**" in text:
+        return None
+    try:
+        value = eval(text.replace("/", "//"), {"__builtins__": {}}, {})  # digits and operators only
+    except (SyntaxError, ArithmeticError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def match_close(u: Unit, k: int, open_: str, close: str) -> int:
     """Position in u.sig of the bracket closing the one at u.sig[k]."""
     depth = 0
     for j in range(k, len(u.sig)):
-        t = u.toks[u.sig[j]].text
+        t = u.toks[u.sig[j]].orig  # structure, not rewritten or blanked text
         if t == open_:
             depth += 1
         elif t == close:
@@ -114,11 +132,14 @@ def match_angle(u: Unit, k: int) -> int:
     depth = 0
     j = k
     while j < len(u.sig):
-        t = u.toks[u.sig[j]].text
+        t = u.toks[u.sig[j]].orig
         if t in ("(", "["):
             j = match_close(u, j, t, ")" if t == "(" else "]")
         elif t == "<":
-            depth += 1
+            # A nested list follows a template name; after `)` or a literal (`sizeof(T) < 8`)
+            # it is the less-than operator.
+            if j == k or re.fullmatch(r"[A-Za-z_]\w*", u.toks[u.sig[j - 1]].orig):
+                depth += 1
         elif t == ">":
             depth -= 1
         elif t == ">>":
@@ -166,10 +187,15 @@ def parse_attrs(u: Unit, start: int, end: int) -> list[tuple[str, str, Tok]]:
 
 
 def scope_kinds(u: Unit, attr_at: dict) -> tuple[list[str], list[list[str]]]:
-    """Innermost scope kind ('ns', 'class', 'body', 'init') and namespace path per sig position."""
+    """Innermost scope kind ('ns', 'class', 'body', 'init') and namespace path per sig position.
+
+    Also sets `u.in_kernel[k]`: whether position k lies in the body of a kernel function (one
+    declared with `kernel` or `[[kernel]]`), where MSL allows threadgroup variables.
+    """
     kinds: list[str] = []
     paths: list[list[str]] = []
-    stack: list[tuple[str, str | None]] = [("ns", None)]
+    in_kernel: list[bool] = []
+    stack: list[tuple[str, str | None, bool]] = [("ns", None, False)]
     stmt_start = 0
     k = 0
     s = u.sig
@@ -178,31 +204,21 @@ def scope_kinds(u: Unit, attr_at: dict) -> tuple[list[str], list[list[str]]]:
             end = attr_at[k][0]
             for _ in range(k, end + 1):
                 kinds.append(stack[-1][0])
-                paths.append([n for kind, n in stack if kind == "ns" and n])
+                in_kernel.append(stack[-1][2])
+                paths.append([n for kind, n, _ in stack if kind == "ns" and n])
             k = end + 1
             continue
         t = u.toks[s[k]].text
         kinds.append(stack[-1][0])
-        paths.append([n for kind, n in stack if kind == "ns" and n])
+        in_kernel.append(stack[-1][2])
+        paths.append([n for kind, n, _ in stack if kind == "ns" and n])
         if t == "{":
-            head = [u.toks[s[j]].text for j in range(stmt_start, k)]
             if stack[-1][0] in ("body", "init"):
-                kind, name = stack[-1][0], None
-            elif "namespace" in head:
-                kind = "ns"
-                rest = head[head.index("namespace") + 1 :]
-                name = "".join(rest) or None
-            elif head[:1] == ["extern"]:
-                kind, name = "ns", None
-            elif "=" in head:
-                kind, name = "init", None
-            elif "(" in head:
-                kind, name = "body", None
-            elif any(w in head for w in ("struct", "class", "union", "enum")):
-                kind, name = "class", None
+                kind, name, kern = stack[-1][0], None, stack[-1][2]
             else:
-                kind, name = "body", None
-            stack.append((kind, name))
+                kind, name = _classify_brace(u, stmt_start, k, attr_at)
+                kern = kind == "body" and _declares_kernel(u, stmt_start, k, attr_at)
+            stack.append((kind, name, kern))
             stmt_start = k + 1
         elif t == "}":
             if len(stack) > 1:
@@ -211,7 +227,65 @@ def scope_kinds(u: Unit, attr_at: dict) -> tuple[list[str], list[list[str]]]:
         elif t == ";":
             stmt_start = k + 1
         k += 1
+    u.in_kernel = in_kernel
     return kinds, paths
+
+
+def _declares_kernel(u: Unit, lo: int, hi: int, attr_at: dict) -> bool:
+    for j in range(lo, hi):
+        if u.toks[u.sig[j]].text == "__msim_kernel":
+            return True
+        if j in attr_at and any(a[0] == "kernel" for a in attr_at[j][1]):
+            return True
+    return False
+
+
+_CLASS_KEYS = ("struct", "class", "union", "enum")
+_NOT_A_CALL = ("alignas", "__attribute__", "__declspec", "decltype")
+
+
+def _classify_brace(u: Unit, lo: int, k: int, attr_at: dict) -> tuple[str, str | None]:
+    """Kind of the scope opened by the '{' at sig position k, from its statement head [lo, k).
+
+    Only top-level tokens count: template heads (`template <class T, int N = 4>`), template
+    argument lists and parentheses are skipped, so a default template argument or a default
+    function argument is not mistaken for a variable initializer.
+    """
+    top: list[str] = []
+    j = lo
+    while j < k:
+        if j in attr_at:
+            j = attr_at[j][0] + 1
+            continue
+        t = u.toks[u.sig[j]].text
+        if t == "template" and j + 1 < k and u.toks[u.sig[j + 1]].text == "<":
+            j = match_angle(u, j + 1) + 1  # the template head, defaults included
+            continue
+        if t == "<" and top and re.fullmatch(r"[A-Za-z_]\w*", top[-1]) and top[-1] != "operator":
+            j = match_angle(u, j) + 1  # template arguments
+            continue
+        if t in ("(", "["):
+            close = match_close(u, j, t, ")" if t == "(" else "]")
+            if t == "(" and (not top or top[-1] not in _NOT_A_CALL):
+                top.append("(")  # a parameter list: this brace opens a function body
+            j = close + 1
+            continue
+        top.append(t)
+        j += 1
+    if "namespace" in top:
+        rest = top[top.index("namespace") + 1 :]
+        return "ns", "".join(rest) or None
+    if top[:1] == ["extern"]:
+        return "ns", None
+    if any(t == "=" and (i == 0 or top[i - 1] != "operator") for i, t in enumerate(top)):
+        return "init", None
+    if "(" in top:
+        return "body", None
+    if any(w in top for w in _CLASS_KEYS):
+        return "class", None
+    if top and re.fullmatch(r"[A-Za-z_]\w*|\]", top[-1]):
+        return "init", None  # `T x{...}`: a braced initializer
+    return "body", None
 
 
 def split_top(u: Unit, lo: int, hi: int, attr_at: dict) -> list[list[int]]:

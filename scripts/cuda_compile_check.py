@@ -1,7 +1,7 @@
-"""Compiles the CUDA backend without a GPU or a CUDA build of torch: every CUDA source listed in
-CMakeLists.txt (METALCORE_CUDA_SOURCES), .cu files with nvcc for one architecture (ptxas runs,
-so kernel resource use is checked too) and the host .cpp files with the C++ compiler. CI has nvcc
-but no GPU; this keeps the CUDA kernels compiling between GPU runs.
+"""Compiles the CUDA backend without a GPU or a CUDA build of torch: every CUDA source the build
+compiles (the file patterns of METALCORE_CUDA_SOURCES in CMakeLists.txt), .cu files with nvcc for
+one architecture (ptxas runs, so kernel resource use is checked too) and the host .cpp files with
+the C++ compiler. CI has nvcc but no GPU; this keeps the CUDA kernels compiling between GPU runs.
 
     python scripts/cuda_compile_check.py [--arch 90] [--jobs 2]
 
@@ -26,12 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cuda_sources() -> list[str]:
-    """METALCORE_CUDA_SOURCES of CMakeLists.txt: the one list of what the CUDA build compiles."""
+    """What the CUDA build compiles: the files matching the glob patterns of
+    METALCORE_CUDA_SOURCES in CMakeLists.txt (csrc/<family>/<family>_cuda.cu and _cuda.cpp), read
+    from there so the two cannot disagree."""
     text = (ROOT / "CMakeLists.txt").read_text()
-    m = re.search(r"set\(METALCORE_CUDA_SOURCES\s+(.*?)\)", text, re.S)
+    m = re.search(r"file\(GLOB METALCORE_CUDA_SOURCES CONFIGURE_DEPENDS\s+(.*?)\)", text, re.S)
     if not m:
-        raise SystemExit("cuda_compile_check: METALCORE_CUDA_SOURCES not found in CMakeLists.txt")
-    return m.group(1).split()
+        raise SystemExit("cuda_compile_check: no METALCORE_CUDA_SOURCES glob in CMakeLists.txt")
+    found = {p.relative_to(ROOT).as_posix() for pat in m.group(1).split() for p in ROOT.glob(pat)}
+    if not found:
+        raise SystemExit(f"cuda_compile_check: no file matches {m.group(1).split()}")
+    return sorted(found)
 
 
 def include_flags(stub_dir: Path) -> list[str]:

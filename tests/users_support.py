@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from metalcore._dispatch import has_kernel
+
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(
     not HAS_TRANSFORMERS, reason="transformers is not installed (optional extra 'hf')"
@@ -30,7 +32,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def has_cpu_kernel(op: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"metalcore::{op}", "CPU")
+    return has_kernel(op, "cpu")
 
 
 def needs_kernel(op: str):

@@ -1,4 +1,6 @@
-// Autograd of the activation family: backward calls metalcore::{silu,gelu,swiglu}_backward.
+// Autograd of the activation family: backward calls metalcore::{silu,gelu,swiglu}_backward, and
+// forward-mode tangents come from the same ops (each activation's Jacobian is diagonal, so
+// J t = *_backward(t, x)).
 #include <torch/library.h>
 
 #include "common/autograd_util.h"
@@ -7,104 +9,149 @@ namespace metalcore {
 namespace {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
+using T = at::Tensor;
+using Mode = c10::string_view;
 
-class SiluFunction : public torch::autograd::Function<SiluFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input) {
-    static const auto op = op_handle<at::Tensor(const at::Tensor&)>("silu");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({input});
-    return op.call(input);
+const auto& silu_op() {
+  static const auto op = op_handle<T(const T&)>("silu");
+  return op;
+}
+const auto& silu_backward_op() {
+  static const auto op = op_handle<T(const T&, const T&)>("silu_backward");
+  return op;
+}
+const auto& gelu_op() {
+  static const auto op = op_handle<T(const T&, Mode)>("gelu");
+  return op;
+}
+const auto& gelu_backward_op() {
+  static const auto op = op_handle<T(const T&, const T&, Mode)>("gelu_backward");
+  return op;
+}
+const auto& swiglu_op() {
+  static const auto op = op_handle<T(const T&, const T&)>("swiglu");
+  return op;
+}
+const auto& swiglu_backward_op() {
+  static const auto op = op_handle<Pair(const T&, const T&, const T&)>("swiglu_backward");
+  return op;
+}
+
+struct SiluBackward : OpNode<SiluBackward> {
+  static constexpr const char* kName = "MetalcoreSiluBackward";
+  SavedVariable input_;
+  template <typename V>
+  void visit(V&& v) {
+    v(input_, false);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("silu_backward");
-    return {op.call(grads[0], ctx->get_saved_variables()[0])};
+  variable_list backward(variable_list& grads) {
+    if (!grads[0].defined()) return {T()};
+    return {silu_backward_op().call(grads[0], input_.unpack())};
   }
 };
 
-class GeluFunction : public torch::autograd::Function<GeluFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            c10::string_view approximate) {
-    static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::string_view)>("gelu");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({input});
-    ctx->saved_data["approximate"] = std::string(approximate);
-    return op.call(input, approximate);
+struct GeluBackward : OpNode<GeluBackward> {
+  static constexpr const char* kName = "MetalcoreGeluBackward";
+  SavedVariable input_;
+  std::string approximate_;
+  template <typename V>
+  void visit(V&& v) {
+    v(input_, false);
+    v(approximate_);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>(
-            "gelu_backward");
-    const std::string approximate = ctx->saved_data["approximate"].toStringRef();
-    return {op.call(grads[0], ctx->get_saved_variables()[0], approximate), at::Tensor()};
+  variable_list backward(variable_list& grads) {
+    if (!grads[0].defined()) return {T()};
+    return {gelu_backward_op().call(grads[0], input_.unpack(), approximate_)};
   }
 };
 
-class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
-    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("swiglu");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({gate, up});
-    return op.call(gate, up);
+struct SwigluBackward : OpNode<SwigluBackward> {
+  static constexpr const char* kName = "MetalcoreSwigluBackward";
+  SavedVariable gate_, up_;
+  template <typename V>
+  void visit(V&& v) {
+    v(gate_, false);
+    v(up_, false);
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("swiglu_backward");
-    const auto saved = ctx->get_saved_variables();
-    auto [grad_gate, grad_up] = op.call(grads[0], saved[0], saved[1]);
+  variable_list backward(variable_list& grads) {
+    if (!grads[0].defined()) return {T(), T()};
+    auto [grad_gate, grad_up] = swiglu_backward_op().call(grads[0], gate_.unpack(), up_.unpack());
     return {grad_gate, grad_up};
   }
 };
 
-at::Tensor silu_autograd(const at::Tensor& input) {
-  if (any_requires_grad({input})) return SiluFunction::apply(input);
-  static const auto op = op_handle<at::Tensor(const at::Tensor&)>("silu");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input);
+T silu_autograd(const T& input) {
+  const bool grad = any_requires_grad({input});
+  const T t_input = tangent_of(input);
+  if (!grad && !t_input.defined()) return call_below(silu_op(), input);
+  T out = call_below(silu_op(), input);
+  if (grad) {
+    auto node = new_node<SiluBackward>(input);
+    node->input_ = SavedVariable(input, false);
+    torch::autograd::set_history(out, node);
+  }
+  if (t_input.defined()) {
+    set_tangent("silu", out, call_below(silu_backward_op(), t_input, input), {t_input, input});
+  }
+  return out;
 }
 
-at::Tensor gelu_autograd(const at::Tensor& input, c10::string_view approximate) {
-  if (any_requires_grad({input})) return GeluFunction::apply(input, approximate);
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::string_view)>("gelu");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(input, approximate);
+T gelu_autograd(const T& input, Mode approximate) {
+  const bool grad = any_requires_grad({input});
+  const T t_input = tangent_of(input);
+  if (!grad && !t_input.defined()) return call_below(gelu_op(), input, approximate);
+  T out = call_below(gelu_op(), input, approximate);
+  if (grad) {
+    auto node = new_node<GeluBackward>(input);
+    node->input_ = SavedVariable(input, false);
+    node->approximate_ = std::string(approximate);
+    torch::autograd::set_history(out, node);
+  }
+  if (t_input.defined()) {
+    set_tangent("gelu", out, call_below(gelu_backward_op(), t_input, input, approximate),
+                {t_input, input});
+  }
+  return out;
 }
 
-at::Tensor swiglu_autograd(const at::Tensor& gate, const at::Tensor& up) {
-  if (any_requires_grad({gate, up})) return SwigluFunction::apply(gate, up);
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("swiglu");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(gate, up);
+T swiglu_autograd(const T& gate, const T& up) {
+  const bool grad = any_requires_grad({gate, up});
+  const T t_gate = tangent_of(gate), t_up = tangent_of(up);
+  if (!grad && !t_gate.defined() && !t_up.defined()) return call_below(swiglu_op(), gate, up);
+  T out = call_below(swiglu_op(), gate, up);
+  if (grad) {
+    auto node = new_node<SwigluBackward>(gate, up);
+    node->gate_ = SavedVariable(gate, false);
+    node->up_ = SavedVariable(up, false);
+    torch::autograd::set_history(out, node);
+  }
+  if (t_gate.defined() || t_up.defined()) {
+    // J_gate t = t * silu'(gate) * up and J_up t = t * silu(gate): the two outputs of
+    // swiglu_backward with t as grad_out.
+    T tangent;
+    if (t_gate.defined()) tangent = std::get<0>(call_below(swiglu_backward_op(), t_gate, gate, up));
+    if (t_up.defined()) {
+      T part = std::get<1>(call_below(swiglu_backward_op(), t_up, gate, up));
+      tangent = tangent.defined() ? add_below(tangent, part) : part;
+    }
+    set_tangent("swiglu", out, tangent, {t_gate, t_up, gate, up});
+  }
+  return out;
 }
 
-at::Tensor silu_backward_autograd(const at::Tensor& grad_out, const at::Tensor& input) {
-  static const auto op =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("silu_backward");
-  check_no_double_backward("silu_backward", {grad_out, input});
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, input);
+T silu_backward_autograd(const T& grad_out, const T& input) {
+  return call_backward_op("silu_backward", "silu", silu_backward_op(), {grad_out, input}, grad_out,
+                          input);
 }
 
-at::Tensor gelu_backward_autograd(const at::Tensor& grad_out, const at::Tensor& input,
-                                  c10::string_view approximate) {
-  static const auto op =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view)>(
-          "gelu_backward");
-  check_no_double_backward("gelu_backward", {grad_out, input});
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, input, approximate);
+T gelu_backward_autograd(const T& grad_out, const T& input, Mode approximate) {
+  return call_backward_op("gelu_backward", "gelu", gelu_backward_op(), {grad_out, input}, grad_out,
+                          input, approximate);
 }
 
-Pair swiglu_backward_autograd(const at::Tensor& grad_out, const at::Tensor& gate,
-                              const at::Tensor& up) {
-  static const auto op =
-      op_handle<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("swiglu_backward");
-  check_no_double_backward("swiglu_backward", {grad_out, gate, up});
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(grad_out, gate, up);
+Pair swiglu_backward_autograd(const T& grad_out, const T& gate, const T& up) {
+  return call_backward_op("swiglu_backward", "swiglu", swiglu_backward_op(), {grad_out, gate, up},
+                          grad_out, gate, up);
 }
 
 }  // namespace

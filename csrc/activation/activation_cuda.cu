@@ -3,7 +3,6 @@
 // a scalar tail for the last partial vector. Operands that are not 16-byte aligned take the same
 // kernel with one element a thread.
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "activation/activation_cuda.h"
 #include "common/cuda_utils.cuh"

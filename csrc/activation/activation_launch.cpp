@@ -1,15 +1,19 @@
 // Activation launch layer: the Metal backend of the family's shared entry points (activation.h);
-// one elementwise launch of ceil(numel / block) threadgroups per op.
-#include "activation/activation_launch.h"
-
+// one elementwise launch of ceil(numel / block) threadgroups per op. Each launch function is its
+// op's kernel plus the Encoder that records the dispatches (common/metal_registration.h).
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "activation/activation.h"
 #include "common/kernel_name.h"
+#include "common/metal_registration.h"
 #include "kernels/activation.h"
 
 namespace metalcore::launch {
@@ -66,8 +70,6 @@ struct MetalKernels {
   }
 };
 
-}  // namespace
-
 at::Tensor silu(Encoder& enc, const at::Tensor& input) {
   return activation::silu(MetalKernels{enc}, input);
 }
@@ -105,5 +107,18 @@ std::vector<std::string> activation_kernel_names() {
   }
   return names;
 }
+
+}  // namespace
+
+METALCORE_METAL_IMPL(m) {
+  m.impl("silu", on_metal<&silu>);
+  m.impl("silu_backward", on_metal<&silu_backward>);
+  m.impl("gelu", on_metal<&gelu>);
+  m.impl("gelu_backward", on_metal<&gelu_backward>);
+  m.impl("swiglu", on_metal<&swiglu>);
+  m.impl("swiglu_backward", on_metal<&swiglu_backward>);
+}
+
+const RegisterKernelNames registered_names(&activation_kernel_names);
 
 }  // namespace metalcore::launch

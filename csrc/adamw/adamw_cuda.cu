@@ -10,7 +10,6 @@
 // off on a per-stream counter increments them, so no block can read an already-incremented step.
 // lr is read on the device when it is a CUDA tensor, on the host (no sync) when it is a CPU tensor.
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <map>

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace metalcore::cuda {
 
@@ -57,6 +58,25 @@ constexpr int vec_width() {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// exp and log in the accumulation type (float32 for 16-bit and float32 data, float64 for float64).
+template <typename A>
+__device__ __forceinline__ A exp_acc(A v) {
+  if constexpr (std::is_same_v<A, double>) {
+    return exp(v);
+  } else {
+    return expf(v);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A log_acc(A v) {
+  if constexpr (std::is_same_v<A, double>) {
+    return log(v);
+  } else {
+    return logf(v);
+  }
+}
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {

@@ -5,12 +5,15 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 #include <utility>
+
+#include "kernels/common/defines.h"
 
 namespace metalcore {
 
@@ -61,6 +64,28 @@ class Encoder {
   virtual void set_buffer(unsigned index, const at::Tensor& t, size_t offset, size_t length) = 0;
   virtual uint64_t storage_address(const at::Tensor& t, size_t offset) = 0;
 };
+
+// Checks a compute pipeline against what the kernels and the launch layer assume, with the values
+// the GPU reports for it (MTLComputePipelineState's threadExecutionWidth and
+// maxTotalThreadsPerThreadgroup). The kernels are written for 32-lane simdgroups (kSimdWidth):
+// threadgroup_sum keeps one partial per simdgroup in `scratch[32]` and adds them with a single
+// simd_sum, and the launch layer sizes threadgroups in whole simdgroups. Every Apple-silicon GPU
+// runs 32 lanes; on a GPU that does not, the sums would be silently wrong, so each backend calls
+// this once per pipeline, when it creates it, and the op raises instead.
+inline void check_pipeline_limits(const std::string& host_name, uint32_t execution_width,
+                                  uint32_t max_threads_per_threadgroup) {
+  TORCH_CHECK(execution_width == kSimdWidth, "metalcore: Metal kernel '", host_name, "' runs ",
+              execution_width,
+              "-wide simdgroups on this GPU (threadExecutionWidth), "
+              "but metalcore's Metal kernels are written for ",
+              kSimdWidth,
+              "-wide simdgroups (every Apple-silicon GPU); run metalcore ops on the CPU here");
+  TORCH_CHECK(
+      max_threads_per_threadgroup >= kSimdWidth, "metalcore: Metal kernel '", host_name,
+      "' allows only ", max_threads_per_threadgroup,
+      " threads per threadgroup on this GPU (maxTotalThreadsPerThreadgroup), fewer than one ",
+      kSimdWidth, "-wide simdgroup");
+}
 
 // Adapts a launch function `R fn(Encoder&, Args...)` to an op kernel `R (Args...)` running on a
 // fresh backend encoder E: how the MPS key and the msim test ops register the same launch code.

@@ -32,7 +32,8 @@ inline std::string kernel_name(const std::string& family, const std::string& var
 }
 
 // float64 exists on CPU (gradcheck references) but not in Metal: reject it with the op's name.
-inline void check_metal_dtype(const char* op, const char* arg, at::ScalarType t) {
+template <typename Arg>
+void check_metal_dtype(const char* op, const Arg& arg, at::ScalarType t) {
   TORCH_CHECK_TYPE(metal_supports(t), "metalcore.", op, ": '", arg,
                    "' must be float16, bfloat16 or float32 on the Metal backend, got ", t);
 }

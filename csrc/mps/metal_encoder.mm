@@ -1,8 +1,11 @@
 // Metal backend of Encoder. The only code that touches Metal: it loads the kernel library once,
-// caches one pipeline state per host name, and translates recorded Encoder calls into commands on
+// caches one pipeline state per host name (checked against the kernels' simdgroup assumptions
+// when it is created), and translates recorded Encoder calls into commands on
 // PyTorch's current MPS stream, following PyTorch's MPS extension pattern (getCurrentMPSStream,
-// dispatch_sync_with_rethrow on the stream's queue, the stream's shared compute encoder, the
-// tensor's MTLBuffer, byte offsets = storage_offset * element_size). Compiled without ARC.
+// dispatch_sync on the stream's queue with exceptions relayed, the stream's shared compute
+// encoder, the tensor's MTLBuffer, byte offsets = storage_offset * element_size). Only TORCH_API
+// symbols of torch are used: the extension links against torch's exported interface alone.
+// Compiled without ARC.
 #include "mps/metal_encoder.h"
 
 #include <ATen/mps/MPSDevice.h>
@@ -13,6 +16,7 @@
 #import <Metal/Metal.h>
 
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <shared_mutex>
 #include <unordered_map>
@@ -36,6 +40,12 @@ id<MTLDevice> device() { return at::mps::MPSDevice::getInstance()->device(); }
 
 // Kernel libraries (one metallib, or one per embedded source file) and pipeline states, created
 // once per process; lookups after the first take a shared lock only.
+//
+// Failures are kept, not retried: loading the libraries is all or nothing, and its first error is
+// raised again by every later call (a partly loaded set would answer "not in the kernel library"
+// for the kernels of the file that failed and hide the compiler's message); a pipeline that cannot
+// be created, or that fails check_pipeline_limits, raises the same error on every later use.
+// Errors are turned into exceptions outside the autorelease pools, so no pool is left undrained.
 class PipelineCache {
  public:
   static PipelineCache& instance() {
@@ -52,32 +62,80 @@ class PipelineCache {
     std::unique_lock<std::shared_mutex> lock(mutex_);
     auto it = pipelines_.find(name);
     if (it != pipelines_.end()) return it->second;
-    @autoreleasepool {  // may run on any thread, outside PyTorch's queues
-      return create(name);
+    if (auto failed = failures_.find(name); failed != failures_.end()) {
+      TORCH_CHECK(false, failed->second);
     }
-  }
 
- private:
-  id<MTLComputePipelineState> create(const std::string& name) {
     load_libraries();
-    id<MTLFunction> fn = nil;
-    for (id<MTLLibrary> lib : libraries_) {
-      fn = [lib newFunctionWithName:[NSString stringWithUTF8String:name.c_str()]];
-      if (fn != nil) break;
+    std::string error;
+    id<MTLComputePipelineState> pso = nil;
+    @autoreleasepool {  // may run on any thread, outside PyTorch's queues
+      pso = create(name, error);
     }
-    TORCH_CHECK(fn != nil, "metalcore: Metal kernel '", name, "' is not in the kernel library");
-    NSError* error = nil;
-    id<MTLComputePipelineState> pso = [device() newComputePipelineStateWithFunction:fn
-                                                                              error:&error];
-    [fn release];
-    TORCH_CHECK(pso != nil, "metalcore: cannot create the pipeline of '", name,
-                "': ", error ? error.localizedDescription.UTF8String : "unknown error");
+    if (pso == nil) {
+      failures_.emplace(name, error);
+      TORCH_CHECK(false, error);
+    }
+    // Once per pipeline, with the values this GPU reports for it.
+    try {
+      check_pipeline_limits(name, static_cast<uint32_t>(pso.threadExecutionWidth),
+                            static_cast<uint32_t>(pso.maxTotalThreadsPerThreadgroup));
+    } catch (const c10::Error& e) {
+      [pso release];
+      failures_.emplace(name, e.what_without_backtrace());
+      throw;
+    }
     pipelines_.emplace(name, pso);  // kept for the life of the process
     return pso;
   }
 
+ private:
+  static std::string describe(NSError* error) {
+    return error != nil ? std::string(error.localizedDescription.UTF8String) : "unknown error";
+  }
+
+  // The pipeline of kernel `name` (+1 retained), or nil with `error` set. Caller holds the lock
+  // and an autorelease pool, and has loaded the libraries.
+  id<MTLComputePipelineState> create(const std::string& name, std::string& error) {
+    NSString* ns_name = [NSString stringWithUTF8String:name.c_str()];
+    id<MTLFunction> fn = nil;
+    for (id<MTLLibrary> lib : libraries_) {
+      fn = [lib newFunctionWithName:ns_name];
+      if (fn != nil) break;
+    }
+    if (fn == nil) {
+      error = "metalcore: Metal kernel '" + name + "' is not in the kernel library";
+      return nil;
+    }
+    NSError* ns_error = nil;
+    id<MTLComputePipelineState> pso = [device() newComputePipelineStateWithFunction:fn
+                                                                              error:&ns_error];
+    [fn release];
+    if (pso == nil) {
+      error = "metalcore: cannot create the pipeline of '" + name + "': " + describe(ns_error);
+    }
+    return pso;
+  }
+
+  // All or nothing: libraries_ is set only once every library has loaded.
   void load_libraries() {
     if (!libraries_.empty()) return;
+    TORCH_CHECK(load_error_.empty(), load_error_);
+    std::vector<id<MTLLibrary>> loaded;
+    std::string error;
+    @autoreleasepool {
+      error = load_all(loaded);
+    }
+    if (!error.empty()) {
+      for (id<MTLLibrary> lib : loaded) [lib release];
+      load_error_ = error;
+      TORCH_CHECK(false, error);
+    }
+    libraries_ = std::move(loaded);
+  }
+
+  // Appends each kernel library (+1 retained) to `loaded`; returns the first error, or "".
+  static std::string load_all(std::vector<id<MTLLibrary>>& loaded) {
     NSError* error = nil;
 #if METALCORE_EMBEDDED_METALLIB
     dispatch_data_t data =
@@ -85,9 +143,8 @@ class PipelineCache {
                              nullptr, DISPATCH_DATA_DESTRUCTOR_DEFAULT);
     id<MTLLibrary> lib = [device() newLibraryWithData:data error:&error];
     dispatch_release(data);
-    TORCH_CHECK(lib != nil, "metalcore: cannot load the embedded metallib: ",
-                error ? error.localizedDescription.UTF8String : "unknown error");
-    libraries_.push_back(lib);
+    if (lib == nil) return "metalcore: cannot load the embedded metallib: " + describe(error);
+    loaded.push_back(lib);
 #else
     MTLCompileOptions* options = [[MTLCompileOptions new] autorelease];
     options.languageVersion = MTLLanguageVersion3_1;  // bfloat
@@ -99,16 +156,21 @@ class PipelineCache {
       id<MTLLibrary> lib = [device() newLibraryWithSource:[NSString stringWithUTF8String:src.text]
                                                   options:options
                                                     error:&error];
-      TORCH_CHECK(lib != nil, "metalcore: cannot compile ", src.name, ": ",
-                  error ? error.localizedDescription.UTF8String : "unknown error");
-      libraries_.push_back(lib);
+      if (lib == nil) {
+        return std::string("metalcore: cannot compile the Metal kernels of ") + src.name + ": " +
+               describe(error);
+      }
+      loaded.push_back(lib);
     }
 #endif
+    return "";
   }
 
   std::shared_mutex mutex_;
   std::vector<id<MTLLibrary>> libraries_;
+  std::string load_error_;  // the first load failure, raised again by every later call
   std::unordered_map<std::string, id<MTLComputePipelineState>> pipelines_;
+  std::unordered_map<std::string, std::string> failures_;  // host name -> its first error
 };
 
 struct Command {
@@ -123,6 +185,36 @@ struct Command {
 };
 
 MTLSize mtl_size(Dim3 d) { return MTLSizeMake(d.x, d.y, d.z); }
+
+// Replays recorded commands on the stream's shared compute encoder: consecutive ops coalesce into
+// one encoder; PyTorch ends and commits it at its next synchronisation point (no commit or wait
+// here). Runs on the stream's queue.
+void encode(at::mps::MPSStream* stream, const std::vector<Command>& commands) {
+  id<MTLComputeCommandEncoder> enc = stream->commandEncoder();
+  for (const Command& c : commands) {
+    switch (c.kind) {
+      case Command::Kind::kPipeline:
+        [enc setComputePipelineState:c.pso];
+        break;
+      case Command::Kind::kBuffer:
+        [enc setBuffer:getMTLBufferStorage(c.tensor) offset:c.offset atIndex:c.index];
+        break;
+      case Command::Kind::kBytes:
+        [enc setBytes:c.bytes.data() length:c.bytes.size() atIndex:c.index];
+        break;
+      case Command::Kind::kUseResource:
+        [enc useResource:getMTLBufferStorage(c.tensor)
+                   usage:MTLResourceUsageRead | MTLResourceUsageWrite];
+        break;
+      case Command::Kind::kDispatchGroups:
+        [enc dispatchThreadgroups:c.grid threadsPerThreadgroup:c.group];
+        break;
+      case Command::Kind::kDispatchThreads:
+        [enc dispatchThreads:c.grid threadsPerThreadgroup:c.group];
+        break;
+    }
+  }
+}
 
 }  // namespace
 
@@ -190,37 +282,23 @@ void MetalEncoder::finish() {
   if (impl_->commands.empty()) return;
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   const std::vector<Command>* commands = &impl_->commands;
-  at::mps::dispatch_sync_with_rethrow(stream->queue(), ^() {
+  // Encoding runs on the stream's serial queue, like PyTorch's own MPS ops. A C++ exception must
+  // not unwind through libdispatch (the process would terminate), so the block catches it and it
+  // is rethrown here. PyTorch's helper for this, at::mps::dispatch_sync_with_rethrow, is not
+  // TORCH_API: torch's libraries hide what is not (its Linux wheel shows them as local symbols),
+  // so an extension cannot count on linking it.
+  __block std::exception_ptr error;
+  dispatch_sync(stream->queue(), ^() {
     @autoreleasepool {
-      // The stream's shared compute encoder: consecutive ops coalesce into one encoder; PyTorch
-      // ends and commits it at its next synchronisation point (no commit or wait here).
-      id<MTLComputeCommandEncoder> enc = stream->commandEncoder();
-      for (const Command& c : *commands) {
-        switch (c.kind) {
-          case Command::Kind::kPipeline:
-            [enc setComputePipelineState:c.pso];
-            break;
-          case Command::Kind::kBuffer:
-            [enc setBuffer:getMTLBufferStorage(c.tensor) offset:c.offset atIndex:c.index];
-            break;
-          case Command::Kind::kBytes:
-            [enc setBytes:c.bytes.data() length:c.bytes.size() atIndex:c.index];
-            break;
-          case Command::Kind::kUseResource:
-            [enc useResource:getMTLBufferStorage(c.tensor)
-                       usage:MTLResourceUsageRead | MTLResourceUsageWrite];
-            break;
-          case Command::Kind::kDispatchGroups:
-            [enc dispatchThreadgroups:c.grid threadsPerThreadgroup:c.group];
-            break;
-          case Command::Kind::kDispatchThreads:
-            [enc dispatchThreads:c.grid threadsPerThreadgroup:c.group];
-            break;
-        }
+      try {
+        encode(stream, *commands);
+      } catch (...) {
+        error = std::current_exception();
       }
     }
   });
   impl_->commands.clear();
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace metalcore::mps

@@ -22,6 +22,8 @@ struct State {
   bool loaded = false;
   std::map<std::string, std::string> options;
   uint32_t max_threads = 1024;
+  // Reported only: msim itself always runs 32-lane simdgroups.
+  uint32_t execution_width = kSimdWidth;
 };
 
 State& state() {
@@ -66,6 +68,10 @@ void load_library(const std::string& path) {
 void set_option(const std::string& key, const std::string& value) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
+  if (key == "execution_width") {
+    s.execution_width = static_cast<uint32_t>(std::stoul(value));
+    return;  // not an msim option: msim's simdgroups stay 32 wide
+  }
   if (key == "max_threads") s.max_threads = static_cast<uint32_t>(std::stoul(value));
   s.options[key] = value;
 }
@@ -91,6 +97,8 @@ MsimEncoder::~MsimEncoder() { api().encoder_destroy(enc_); }
 
 void MsimEncoder::set_pipeline(const std::string& host_name) {
   check(api().set_pipeline(enc_, host_name.c_str()), "set_pipeline");
+  State& s = state();
+  check_pipeline_limits(host_name, s.execution_width, s.max_threads);
 }
 
 uint32_t MsimEncoder::max_threads_per_threadgroup() { return state().max_threads; }

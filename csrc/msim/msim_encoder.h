@@ -14,7 +14,9 @@ namespace metalcore::msim {
 // Opens the msim kernel library at `path` (once per process; a different path is an error).
 void load_library(const std::string& path);
 // Option applied to every later encoder (msim_set_option keys, plus "max_threads": the
-// threadgroup limit reported to the launch layer, as a Metal pipeline reports its own).
+// threadgroup limit reported to the launch layer, as a Metal pipeline reports its own; and
+// "execution_width": the simdgroup width the pipelines report, checked at set_pipeline as the
+// Metal backend checks threadExecutionWidth, so tests can play a GPU that is not 32 lanes wide).
 void set_option(const std::string& key, const std::string& value);
 std::vector<std::string> library_kernel_names();
 std::vector<std::string> dispatched_kernel_names();

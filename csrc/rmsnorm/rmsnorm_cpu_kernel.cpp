@@ -30,15 +30,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& residual, const at::Ten
   T* hp = residual_out.defined() ? residual_out.mutable_data_ptr<T>() : nullptr;
   const int64_t xs = x.stride(0), rs = rp ? residual.stride(0) : 0;
   const acc_t eps = static_cast<acc_t>(eps_d);
-  auto sum = [](V& a, V& b) { return a + b; };
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* xr = xp + row * xs;
       T* yr = op + row * n;
-      // Pass 1: sum of squares (of the rounded residual sum in the fused variant); two
-      // accumulators keep two FMA chains in flight.
-      V ss0(acc_t(0)), ss1(acc_t(0));
+      // Pass 1: sum of squares (of the rounded residual sum in the fused variant).
+      RowSum<T> ss;
       const T* src = xr;
       if (rp != nullptr) {
         const T* rr = rp + row * rs;
@@ -48,20 +46,17 @@ void forward_impl(const at::Tensor& x, const at::Tensor& residual, const at::Ten
           const Chunk<T> a = load_chunk(xr + j, c, c == C), b = load_chunk(rr + j, c, c == C);
           const Chunk<T> h = round_chunk<T>({a.lo + b.lo, a.hi + b.hi});
           store_chunk(hr + j, h, c);
-          ss0 = at::vec::fmadd(h.lo, h.lo, ss0);
-          ss1 = at::vec::fmadd(h.hi, h.hi, ss1);
+          ss.add(h, h);
         }
         src = hr;
       } else {
         for (int64_t j = 0; j < n; j += C) {
           const int64_t c = std::min(C, n - j);
           const Chunk<T> v = load_chunk(xr + j, c, c == C);
-          ss0 = at::vec::fmadd(v.lo, v.lo, ss0);
-          ss1 = at::vec::fmadd(v.hi, v.hi, ss1);
+          ss.add(v, v);
         }
       }
-      const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss0 + ss1);
-      const V rstd(acc_t(1) / std::sqrt(ss / static_cast<acc_t>(n) + eps));
+      const V rstd(acc_t(1) / std::sqrt(ss.reduce() / static_cast<acc_t>(n) + eps));
       // Pass 2 (the row is in L1/L2 now): normalise and scale.
       for (int64_t j = 0; j < n; j += C) {
         const int64_t c = std::min(C, n - j);
@@ -95,7 +90,6 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
   const int64_t grs = grp ? grad_residual.stride(0) : 0;
   const acc_t eps = static_cast<acc_t>(eps_d);
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(n, 1));
-  auto sum = [](V& a, V& b) { return a + b; };
 
   // grad_weight = sum over rows of g * x * rstd. Rows are cut into at most kMaxBlocks fixed
   // blocks, each accumulating its own row of partials (no atomics), and the partials are summed
@@ -120,7 +114,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
         const T* xr = xp + row * xs;
         T* dxr = dxp + row * n;
         // Pass 1: sum x^2 and sum (g * w) * x.
-        V ss0(acc_t(0)), ss1(acc_t(0)), dot0(acc_t(0)), dot1(acc_t(0));
+        RowSum<T> ss_acc, dot_acc;
         for (int64_t j = 0; j < n; j += C) {
           const int64_t c = std::min(C, n - j);
           const bool full = c == C;
@@ -130,13 +124,11 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
             const Chunk<T> w = load_chunk(wp + j, c, full);
             gv = {gv.lo * w.lo, gv.hi * w.hi};
           }
-          ss0 = at::vec::fmadd(xv.lo, xv.lo, ss0);
-          ss1 = at::vec::fmadd(xv.hi, xv.hi, ss1);
-          dot0 = at::vec::fmadd(gv.lo, xv.lo, dot0);
-          dot1 = at::vec::fmadd(gv.hi, xv.hi, dot1);
+          ss_acc.add(xv, xv);
+          dot_acc.add(gv, xv);
         }
-        const acc_t ss = at::vec::vec_reduce_all<acc_t>(sum, ss0 + ss1);
-        const acc_t dot = at::vec::vec_reduce_all<acc_t>(sum, dot0 + dot1);
+        const acc_t ss = ss_acc.reduce();
+        const acc_t dot = dot_acc.reduce();
         const acc_t rstd_s = acc_t(1) / std::sqrt(ss * inv_n + eps);
         // dx = rstd * g * w - x * rstd^3 * mean(g * w * x)
         const V rstd(rstd_s);

@@ -1,17 +1,21 @@
 // RMSNorm launch layer: the Metal backend of the family's shared entry points (rmsnorm.h) —
 // Metal's limits, variant choice, grid sizes and argument binding, written once against Encoder.
-// Variants: "single" keeps a row in registers (one read) when ceil(n / kReads) threads fit in one
-// threadgroup, "looped" strides over longer rows; the
+// Each launch function is its op's kernel plus the Encoder that records the dispatches
+// (common/metal_registration.h). Variants: "single" keeps a row in registers (one read) when
+// ceil(n / kReads) threads fit in one threadgroup, "looped" strides over longer rows; the
 // "_vec4" forms load 4 elements per instruction when every row is 4-element aligned.
-#include "rmsnorm/rmsnorm_launch.h"
-
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <initializer_list>
 #include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "common/kernel_name.h"
+#include "common/metal_registration.h"
 #include "kernels/rmsnorm.h"
 #include "rmsnorm/rmsnorm.h"
 
@@ -154,8 +158,6 @@ struct MetalKernels {
   }
 };
 
-}  // namespace
-
 at::Tensor rmsnorm(Encoder& enc, const at::Tensor& input, const std::optional<at::Tensor>& weight,
                    double eps) {
   return rmsnorm::forward(MetalKernels{enc}, input, weight, eps);
@@ -190,5 +192,16 @@ std::vector<std::string> rmsnorm_kernel_names() {
   }
   return names;
 }
+
+}  // namespace
+
+METALCORE_METAL_IMPL(m) {
+  m.impl("rmsnorm", on_metal<&rmsnorm>);
+  m.impl("rmsnorm_backward", on_metal<&rmsnorm_backward>);
+  m.impl("fused_add_rmsnorm", on_metal<&fused_add_rmsnorm>);
+  m.impl("fused_add_rmsnorm_backward", on_metal<&fused_add_rmsnorm_backward>);
+}
+
+const RegisterKernelNames registered_names(&rmsnorm_kernel_names);
 
 }  // namespace metalcore::launch

@@ -8,7 +8,6 @@
 // at 2.2 TB/s (bench/results/NOTES-cuda.md). q/k may have any strides with a unit head_dim stride
 // (the HF [B, S, H, D] -> [B, H, S, D] transpose reads in place); outputs are contiguous.
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "common/cuda_utils.cuh"
 #include "rope/rope_cuda.h"

@@ -2,14 +2,16 @@
 // their strides (unit stride on head_dim only), outputs are contiguous; one dispatch per tensor
 // (GQA: q and k have their own head counts). The backward is the same kernel applying the
 // transposed map.
-#include "rope/rope_launch.h"
-
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "common/kernel_name.h"
+#include "common/metal_registration.h"
 #include "kernels/rope.h"
 #include "rope/rope.h"
 
@@ -74,8 +76,6 @@ struct MetalKernels {
   }
 };
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> rope(Encoder& enc, const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& cos, const at::Tensor& sin,
                                         bool interleaved) {
@@ -100,5 +100,14 @@ std::vector<std::string> rope_kernel_names() {
   }
   return names;
 }
+
+}  // namespace
+
+METALCORE_METAL_IMPL(m) {
+  m.impl("rope", on_metal<&rope>);
+  m.impl("rope_backward", on_metal<&rope_backward>);
+}
+
+const RegisterKernelNames registered_names(&rope_kernel_names);
 
 }  // namespace metalcore::launch

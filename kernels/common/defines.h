@@ -19,9 +19,9 @@
 
 namespace metalcore {
 
-// Apple GPUs (Apple7 and later) run 32-wide simdgroups and at most 1024 threads per threadgroup.
+// Apple GPUs (Apple7 and later) run 32-wide simdgroups. (The threadgroup limit is the
+// pipeline's own, Encoder::max_threads_per_threadgroup, not a constant.)
 METALCORE_CONSTEXPR unsigned kSimdWidth = 32;
-METALCORE_CONSTEXPR unsigned kMaxThreadsPerThreadgroup = 1024;
 
 inline constexpr unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
 inline constexpr unsigned round_up(unsigned a, unsigned b) { return ceil_div(a, b) * b; }

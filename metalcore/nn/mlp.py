@@ -7,17 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as mf
-from .._dispatch import KERNEL_DTYPES, has_kernel
+from .._dispatch import kernel_applies
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up``: the metalcore op where it applies, torch's two ops elsewhere."""
-    if (
-        gate.shape == up.shape
-        and gate.dtype == up.dtype
-        and gate.dtype in KERNEL_DTYPES
-        and has_kernel("swiglu", gate.device.type)
-    ):
+    if gate.shape == up.shape and kernel_applies("swiglu", gate, up):
         return mf.swiglu(gate, up)
     return F.silu(gate) * up
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as mf
-from .._dispatch import KERNEL_DTYPES, has_kernel
+from .._dispatch import kernel_applies
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -75,6 +75,7 @@ def apply_rotary_torch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[
 
 def rope_kernel_applies(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """Whether ``metalcore.rope`` covers these inputs (layout, dtypes, device kernel)."""
+    # cos/sin may be float32 with 16-bit q/k (exact angles for long contexts).
     reduced = q.dtype in (torch.float16, torch.bfloat16)
     return (
         q.dim() == 4
@@ -82,12 +83,11 @@ def rope_kernel_applies(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
         and cos.dim() in (2, 3)
         and sin.shape == cos.shape
         and k.dtype == q.dtype
-        and q.dtype in KERNEL_DTYPES
-        and (cos.dtype == q.dtype or (reduced and cos.dtype == torch.float32))
         and sin.dtype == cos.dtype
+        and (cos.dtype == q.dtype or (reduced and cos.dtype == torch.float32))
         and not cos.requires_grad
         and not sin.requires_grad
-        and has_kernel("rope", q.device.type)
+        and kernel_applies("rope", q, k, cos, sin, same_dtype=False)
     )
 
 

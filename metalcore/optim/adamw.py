@@ -10,9 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from .._dispatch import has_kernel
-
-_KERNEL_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from .._dispatch import kernel_applies
 
 
 def _dense(t: Tensor) -> bool:
@@ -143,9 +141,16 @@ class AdamW(torch.optim.AdamW):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif amsgrad and "max_exp_avg_sq" not in state:
-            # amsgrad switched on after some steps (as torch: start the max from zero).
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            if amsgrad and "max_exp_avg_sq" not in state:
+                # amsgrad switched on after some steps (as torch: start the max from zero).
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step = state["step"]
+            if isinstance(step, Tensor) and not step.is_floating_point():
+                # An integer step from a loaded state_dict, which torch's AdamW steps as it is:
+                # the op counts in float32 or float64 (exact to 2**24 steps in float32, as
+                # torch's own float32 steps).
+                state["step"] = step.to(torch.float32)
         return state
 
     @torch.no_grad()
@@ -170,11 +175,7 @@ class AdamW(torch.optim.AdamW):
                         "consider torch.optim.SparseAdam instead"
                     )
                 state = self._init_state(p, amsgrad)
-                kernel = (
-                    p.dtype in _KERNEL_PARAM_DTYPES
-                    and has_kernel("adamw", p.device.type)
-                    and _kernel_layout_ok(p, p.grad)
-                )
+                kernel = kernel_applies("adamw", p, p.grad) and _kernel_layout_ok(p, p.grad)
                 lists = buckets.setdefault((p.device, kernel), [[], [], [], [], [], []])
                 if kernel:  # the op takes plain tensors: DTensors contribute their shards
                     lists[0].append(_local(p))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .op_specs import OpSpec, Sample, TensorArg, Tolerance
+from .op_specs import Limits, OpSpec, Sample, Tolerance, numel
 
 # Namespace of the simulator's test-only ops (the Metal kernels run on CPU tensors).
 MSIM_NAMESPACE = "metalcore_msim"
@@ -37,18 +37,39 @@ class Backend:
     # Metal has no float64; the simulator runs one fiber per GPU thread, so its samples stay small.
     dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     max_numel: int | None = None
+    # What running here needs, for skip messages and the test log's summary of skipped groups.
+    needs: str = ""
+    # The simulator's test-only ops are plain CPU kernels: no autograd, fakes or compile.
+    traceable: bool = True
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def ops(self):
+        """The op namespace to call on this backend (``torch.ops.metalcore`` or msim's)."""
+        return getattr(torch.ops, self.namespace or "metalcore")
+
+    @property
+    def limits(self) -> Limits:
+        """What specs may draw for this backend."""
+        return Limits(dtypes=self.dtypes)
 
     def supports(self, sample: Sample) -> str | None:
         """Why this backend cannot run ``sample`` (a dtype it lacks, a size it is too slow
         for), or None."""
         if sample.dtype not in self.dtypes:
             return f"{self.name} has no {sample.dtype}"
-        if self.max_numel is not None and _numel(sample) > self.max_numel:
+        if self.max_numel is not None and numel(sample) > self.max_numel:
             return f"{self.name} runs at most {self.max_numel} elements per sample"
         return None
 
     def unavailable(self) -> str | None:
-        """Why this backend cannot run here, or None."""
+        """Why this backend cannot run here ("needs <what>: <why>"), or None."""
+        why = self._missing()
+        return f"needs {self.needs}: {why}" if why else None
+
+    def _missing(self) -> str | None:
         if self.name == "cpu":
             return None
         if self.name == "cuda":
@@ -57,7 +78,9 @@ class Backend:
             mps = getattr(torch.backends, "mps", None)
             return None if mps is not None and mps.is_available() else "no MPS device"
         if self.name == "msim":
-            return _load_msim()
+            if os.environ.get("METALCORE_FUZZ_MSIM") == "0":
+                return "the msim device is switched off (METALCORE_FUZZ_MSIM=0)"
+            return load_msim()
         return f"unknown backend {self.name}"
 
     def op_unavailable(self, op: str) -> str | None:
@@ -68,6 +91,10 @@ class Backend:
         if self.dispatch_key is None:
             if op not in _ops_in(self.namespace):
                 return f"{self.namespace}::{op} is not registered"
+            # The schema comes from the op table; the kernel only once the family has a Metal
+            # launch layer.
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{self.namespace}::{op}", "CPU"):
+                return f"{self.namespace}::{op} has no kernel (no Metal launch layer yet)"
             return None
         if not torch._C._dispatch_has_kernel_for_dispatch_key(
             f"metalcore::{op}", self.dispatch_key
@@ -83,9 +110,18 @@ _NO_FP64 = (torch.float32, torch.float16, torch.bfloat16)
 
 BACKENDS = [
     Backend("cpu", "cpu", "CPU"),
-    Backend("msim", "cpu", None, MSIM_NAMESPACE, _NO_FP64, max_numel=1 << 15),
-    Backend("cuda", "cuda", "CUDA"),
-    Backend("mps", "mps", "MPS", dtypes=_NO_FP64),
+    Backend(
+        "msim",
+        "cpu",
+        None,
+        MSIM_NAMESPACE,
+        _NO_FP64,
+        max_numel=1 << 15,
+        needs="msim (clang-19 and the simulator op library)",
+        traceable=False,
+    ),
+    Backend("cuda", "cuda", "CUDA", needs="CUDA (an NVIDIA GPU and metalcore's CUDA kernels)"),
+    Backend("mps", "mps", "MPS", dtypes=_NO_FP64, needs="an Apple GPU (MPS)"),
 ]
 
 
@@ -107,33 +143,39 @@ def _msim_library() -> Path | None:
         return Path(env)
     from metalcore import _library
 
-    for folder in {p.parent for p in _library._candidates()}:
+    # In the order import metalcore searches (a set would pick one at random where several exist).
+    for folder in dict.fromkeys(p.parent for p in _library._candidates()):
         path = folder / "libmetalcore_msim_ops.so"
         if path.is_file():
             return path
     return None
 
 
-def _load_msim() -> str | None:
-    """Loads the simulator's test ops and the Metal kernels compiled by msim (as the Metal-path
-    tests do); returns why that is impossible here, or None once loaded."""
+def msim_missing() -> str | None:
+    """Why the simulator cannot run here (cheap checks, nothing loaded), or None."""
+    kernels = Path(__file__).resolve().parents[2] / "kernels"
+    if importlib.util.find_spec("msim") is None:
+        return "msim is not importable"
+    if not (shutil.which("clang++-19") or shutil.which("clang++")):
+        return "msim needs clang-19"
+    if not kernels.is_dir():
+        return "no kernels/ sources (msim runs from a source checkout)"
+    if _msim_library() is None:
+        return f"no simulator op library ({MSIM_NAMESPACE}, libmetalcore_msim_ops)"
+    return None
+
+
+def load_msim() -> str | None:
+    """Loads the simulator's test ops and the Metal kernels compiled by msim from kernels/
+    (cached by content), with guard pages around every buffer; returns why that is impossible
+    here, or None once loaded."""
     if "reason" in _msim_state:
         return _msim_state["reason"]
-    reason = None
-    kernels = Path(__file__).resolve().parents[2] / "kernels"
-    if os.environ.get("METALCORE_FUZZ_MSIM") == "0":
-        reason = "msim fuzzing switched off (METALCORE_FUZZ_MSIM=0)"
-    elif importlib.util.find_spec("msim") is None:
-        reason = "msim is not importable"
-    elif not (shutil.which("clang++-19") or shutil.which("clang++")):
-        reason = "msim needs clang-19"
-    elif not kernels.is_dir():
-        reason = "no kernels/ sources (msim runs from a source checkout)"
-    elif _msim_library() is None:
-        reason = f"no simulator op library ({MSIM_NAMESPACE}, libmetalcore_msim_ops)"
-    else:
+    reason = msim_missing()
+    if reason is None:
         import msim
 
+        kernels = Path(__file__).resolve().parents[2] / "kernels"
         if not _ops_in(MSIM_NAMESPACE):
             torch.ops.load_library(str(_msim_library()))
         ops = getattr(torch.ops, MSIM_NAMESPACE)
@@ -141,14 +183,6 @@ def _load_msim() -> str | None:
         ops.set_option("guard", "1")  # buffers next to guard pages: out-of-range accesses fault
     _msim_state["reason"] = reason
     return reason
-
-
-def _numel(sample: Sample) -> int:
-    total = 0
-    for a in list(sample.args) + list(sample.kwargs.values()):
-        items = a if isinstance(a, (list, tuple)) else [a]
-        total += sum(t.values.numel() for t in items if isinstance(t, TensorArg))
-    return total
 
 
 @contextmanager
@@ -191,6 +225,14 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, what: 
         raise Mismatch(f"{what}: shape {list(actual.shape)}, expected {list(expected.shape)}")
     if actual.numel() == 0:
         return
+    if not actual.is_floating_point():  # integer outputs (linalg's info) match exactly
+        a, e = actual.detach().cpu(), expected.detach().cpu().to(actual.dtype)
+        if not torch.equal(a, e):
+            idx = (a != e).nonzero()[0].tolist()
+            raise Mismatch(
+                f"{what}: got {a[tuple(idx)].item()!r} at {idx}, expected {e[tuple(idx)].item()!r}"
+            )
+        return
     a = actual.detach().to("cpu", torch.float64)
     # The reference rounded once to the output dtype (overflow to inf included), as a kernel
     # computing in higher precision rounds its result.
@@ -202,6 +244,8 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, what: 
     # A non-finite scale would accept anything; those elements must then match exactly.
     scale = torch.nan_to_num(scale, nan=0.0, posinf=0.0, neginf=0.0)
     atol = tol.atol * scale + floor
+    if tol.floor is not None:
+        atol = atol + tol.floor.double()
     with torch.no_grad():
         close = (a - e).abs() <= atol + tol.rtol * e.abs()
         same = (a == e) | (a.isnan() & e.isnan())
@@ -243,15 +287,52 @@ def run_sample(spec: OpSpec, backend: Backend, sample: Sample) -> tuple[torch.Te
     return spec.outputs(args, result)
 
 
+def expected_outputs(spec: OpSpec, sample: Sample) -> tuple[torch.Tensor, ...]:
+    """The float64 reference's outputs for ``sample`` (computed on CPU)."""
+    ref_args, ref_kwargs = sample.materialize("cpu")
+    expected = spec.reference(*ref_args, **ref_kwargs)
+    if spec.mutated_args and expected is None:
+        expected = spec.outputs(ref_args, None)
+    return tuple(expected)
+
+
+def compare_outputs(
+    spec: OpSpec,
+    backend: Backend,
+    sample: Sample,
+    outs: tuple[torch.Tensor, ...],
+    expected: tuple[torch.Tensor, ...],
+    where: str,
+) -> None:
+    """Output count, device, dtype and contiguity of ``outs`` (for functional ops), and values
+    within ``spec``'s tolerance of ``expected``; raises :class:`Mismatch` naming ``where``."""
+    if len(outs) != len(expected):
+        raise Mismatch(f"{where}: {len(outs)} outputs, expected {len(expected)}")
+    for i, (out, exp) in enumerate(zip(outs, expected)):
+        what = f"{where}: output {i}"
+        if out.device.type != torch.device(backend.device).type:
+            raise Mismatch(f"{what}: on {out.device}, expected {backend.device}")
+        if not spec.mutated_args:
+            # An output's dtype is the sample's, unless the sample's info names another
+            # (attention's float32 lse for 16-bit inputs) or the reference is an integer
+            # (linalg's info), whose dtype it keeps.
+            default = sample.dtype if exp.is_floating_point() else exp.dtype
+            want = sample.info.get("out_dtypes", {}).get(i, default)
+            if out.dtype != want:
+                raise Mismatch(f"{what}: dtype {out.dtype}, expected {want}")
+            if not out.is_contiguous():
+                raise Mismatch(f"{what}: not contiguous (strides {out.stride()})")
+        if spec.check_outputs is None:
+            compare(out, exp, spec.tolerances(sample, i), what)
+    if spec.check_outputs is not None:
+        spec.check_outputs(sample, outs, expected, where)
+
+
 def check_sample(spec: OpSpec, backend: Backend, sample: Sample) -> None:
     """Runs ``sample`` on ``backend`` and checks it against the float64 reference: output count,
     shapes, dtypes, devices, contiguity, untouched inputs, and values within tolerance. Raises
     :class:`Mismatch` with the sample's description on any difference."""
-    ref_args, ref_kwargs = sample.materialize("cpu")
-    expected = spec.reference(*ref_args, **ref_kwargs)
-    if spec.mutated_args:
-        expected = spec.outputs(ref_args, None) if expected is None else expected
-
+    expected = expected_outputs(spec, sample)
     args, kwargs = sample.materialize(backend.device)
     # Every argument the schema does not mark as written must come back bit-identical.
     read_only = [a for i, a in enumerate(args) if i not in spec.mutated_args]
@@ -260,21 +341,26 @@ def check_sample(spec: OpSpec, backend: Backend, sample: Sample) -> None:
         result = backend.call(spec, args, kwargs)
     outs = spec.outputs(args, result)
     where = f"metalcore.{spec.name} on {backend.name} with {sample.describe()}"
-    if len(outs) != len(expected):
-        raise Mismatch(f"{where}: {len(outs)} outputs, expected {len(expected)}")
     for i, (b, t) in enumerate(zip(before, _flat_tensors(read_only))):
         if not _bitwise_equal(b, t):
             raise Mismatch(f"{where}: read-only tensor argument {i} was modified")
-    for i, (out, exp) in enumerate(zip(outs, expected)):
-        what = f"{where}: output {i}"
-        if out.device.type != torch.device(backend.device).type:
-            raise Mismatch(f"{what}: on {out.device}, expected {backend.device}")
-        if not spec.mutated_args:
-            if out.dtype != sample.dtype:
-                raise Mismatch(f"{what}: dtype {out.dtype}, expected {sample.dtype}")
-            if not out.is_contiguous():
-                raise Mismatch(f"{what}: not contiguous (strides {out.stride()})")
-        compare(out, exp, spec.tolerances(sample, i), what)
+    compare_outputs(spec, backend, sample, outs, expected, where)
+
+
+def to_device(obj, device: str):
+    """``obj`` (tensors in nested lists and tuples) on ``device``, each tensor keeping its
+    strides (``Tensor.to`` would make a sliced view contiguous, hiding a non-dense case);
+    tensors already off the CPU (meta) stay where they are."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu" or torch.device(device).type == "cpu":
+            return obj
+        if obj.layout != torch.strided:  # sparse and friends have no strides to keep
+            return obj.to(device)
+        out = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=device)
+        return out.copy_(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    return obj
 
 
 def available_backends() -> list[Backend]:

@@ -7,15 +7,35 @@ Hugging Face transformers (LlamaRMSNorm, apply_rotary_pos_emb, LlamaMLP) without
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
-def rmsnorm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm computed in float64 (or float32 math upcast), returned in x's dtype."""
+def rms_rstd(x: Tensor, eps: float, opmath: torch.dtype | None = None) -> Tensor:
+    """1 / sqrt(mean(x^2, -1) + eps) in float64, keepdim. With ``opmath=torch.float32`` it
+    models the one thing float32 accumulation cannot do: squares below float32's normal range
+    land on its subnormal grid (those below its smallest subnormal vanish), and eps is rounded
+    to float32, so a row of denormals with eps ~ 0 normalizes by inf as the kernels (and
+    torch's own float32 rms_norm) do, not by its float64 value."""
+    xd = x.to(torch.float64)
+    sq = xd * xd
+    if opmath == torch.float32:
+        tiny = torch.finfo(torch.float32).tiny
+        sq = torch.where(sq < tiny, sq.float().double(), sq)
+        eps = float(torch.tensor(eps, dtype=torch.float32))
+    return torch.rsqrt(sq.mean(-1, keepdim=True) + eps)
+
+
+def rmsnorm(
+    x: Tensor, weight: Tensor | None, eps: float, opmath: torch.dtype | None = None
+) -> Tensor:
+    """RMSNorm computed in float64, returned in x's dtype (see :func:`rms_rstd` for
+    ``opmath``)."""
     acc = torch.float64
     xf = x.to(acc)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * rms_rstd(xf, eps, opmath)
     if weight is not None:
         y = y * weight.to(acc)
     return y.to(x.dtype)
@@ -122,16 +142,23 @@ def swiglu_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor,
     g, a = grad_out.double(), gate.double()
     s = sigmoid_opmath(a, gate.dtype)
     d = _opmath_range(s * (1.0 + a * (1.0 - s)), gate.dtype)
-    return g * d * up.double(), g * _opmath_range(a * s, gate.dtype)
+    # silu(gate) = gate * s is not flushed: where s is, it is 0 already; a denormal gate gives
+    # a denormal silu, which float32 holds (an infinite grad_out times it is inf, not NaN).
+    return g * d * up.double(), g * (a * s)
 
 
 def rmsnorm_backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor | None, eps: float
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    opmath: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(grad_input, grad_weight) of rmsnorm: with r = rsqrt(mean(x^2) + eps) and gw = g * w,
-    dx = r * gw - x * r^3 * mean(gw * x) and dw = sum over rows of g * x * r."""
+    dx = r * gw - x * r^3 * mean(gw * x) and dw = sum over rows of g * x * r (see
+    :func:`rms_rstd` for ``opmath``)."""
     g, xd = grad_out.double(), x.double()
-    r = torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    r = rms_rstd(xd, eps, opmath)
     gw = g * weight.double() if weight is not None else g
     dx = r * gw - xd * (r.pow(3) * (gw * xd).mean(-1, keepdim=True))
     dw = None
@@ -245,3 +272,643 @@ def rope(
     acc = torch.float64
     q_out, k_out = fn(q.to(acc), k.to(acc), cos.to(acc), sin.to(acc))
     return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+# --- Linear algebra ----------------------------------------------------------------------------
+# float64 torch.linalg (LAPACK) on the part of each matrix the op reads, with metalcore's rule
+# for the failures torch.linalg reports differently per backend and LAPACK version: a matrix
+# whose read part holds a non-finite value gets all-NaN outputs and info > 0.
+
+
+def read_triangle(A: Tensor, upper: bool) -> Tensor:
+    """The symmetric matrix a one-triangle op sees: the read triangle, mirrored."""
+    t = A.triu() if upper else A.tril()
+    return t + t.mT - torch.diag_embed(t.diagonal(dim1=-2, dim2=-1))
+
+
+def _finite_matrices(A: Tensor) -> Tensor:
+    return torch.isfinite(A).flatten(-2).all(-1)
+
+
+def cholesky_ex(A: Tensor, upper: bool = False) -> tuple[Tensor, Tensor]:
+    """(factor, info) in float64. info = the order of the first leading minor of the read
+    triangle that is not positive definite or holds a non-finite value; that matrix's factor is
+    all NaN."""
+    S = read_triangle(A.double(), upper)
+    n = S.shape[-1]
+    flat = S.reshape(math.prod(S.shape[:-2]), n, n)
+    L = torch.empty_like(flat)
+    info = torch.zeros(flat.shape[0], dtype=torch.int32)
+    for b in range(flat.shape[0]):
+        whole_ok = torch.isfinite(flat[b]).all() and torch.linalg.cholesky_ex(flat[b]).info == 0
+        for k in range(1, n + 1 if not whole_ok else 1):
+            lead = flat[b, :k, :k]
+            if not torch.isfinite(lead).all() or torch.linalg.cholesky_ex(lead).info != 0:
+                info[b] = k
+                break
+        if info[b]:
+            L[b] = float("nan")
+        else:
+            L[b] = torch.linalg.cholesky(flat[b], upper=upper) if n else flat[b]
+    return L.reshape(S.shape), info.reshape(S.shape[:-2])
+
+
+def solve_triangular(
+    A: Tensor, B: Tensor, upper: bool, left: bool = True, unitriangular: bool = False
+) -> Tensor:
+    return torch.linalg.solve_triangular(
+        A.double(), B.double(), upper=upper, left=left, unitriangular=unitriangular
+    )
+
+
+def eigh(A: Tensor, UPLO: str = "L") -> tuple[Tensor, Tensor, Tensor]:
+    S = read_triangle(A.double(), UPLO.upper() == "U")
+    ok = _finite_matrices(S)
+    w, V = torch.linalg.eigh(torch.where(ok[..., None, None], S, 0.0))
+    nan = float("nan")
+    w = torch.where(ok[..., None], w, nan)
+    V = torch.where(ok[..., None, None], V, nan)
+    return w, V, (~ok).to(torch.int32)
+
+
+def svd(A: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    A = A.double()
+    ok = _finite_matrices(A)
+    U, S, Vh = torch.linalg.svd(torch.where(ok[..., None, None], A, 0.0), full_matrices)
+    nan = float("nan")
+    U = torch.where(ok[..., None, None], U, nan)
+    S = torch.where(ok[..., None], S, nan)
+    Vh = torch.where(ok[..., None, None], Vh, nan)
+    return U, S, Vh, (~ok).to(torch.int32)
+
+
+# --- Weight-only quantization ----------------------------------------------------------------
+# Written element by element from the format descriptions (ggml-common.h's block structs, the
+# reference quantizers' rules, MLX's affine rule) in NumPy, sharing no code with metalcore.quant
+# or the kernels. Everything dequantizes to float64 holding llama.cpp's float32 values exactly
+# (its products are exact; Q4_K's one float32 rounding is applied).
+
+# ggml type id -> (weights per block, bytes per block)
+GGUF_BLOCKS = {2: (32, 18), 8: (32, 34), 12: (256, 144), 14: (256, 210)}
+
+
+def _np(t):
+    import numpy as np
+
+    return t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+
+
+def _f16(b, at: int):
+    """The little-endian fp16 at byte offset ``at`` of each block (float64)."""
+    import numpy as np
+
+    return b[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+
+
+def gguf_dequantize(data, qtype: int) -> Tensor:
+    """Float64 weights [rows, K] of GGUF blocks ``data`` (uint8 [rows, row_bytes])."""
+    import numpy as np
+
+    raw = _np(data).astype(np.uint8)
+    bs, ts = GGUF_BLOCKS[qtype]
+    rows = raw.shape[0]
+    nb = raw.shape[1] // ts
+    b = raw.reshape(rows, nb, ts)
+    out = np.zeros((rows, nb, bs), dtype=np.float64)
+    if qtype == 2:  # Q4_0: d, then byte j = element j (low nibble) | element j+16 (high)
+        d = _f16(b, 0)[..., None]
+        qs = b[..., 2:].astype(np.int64)
+        out[..., :16] = d * ((qs & 15) - 8)
+        out[..., 16:] = d * ((qs >> 4) - 8)
+    elif qtype == 8:  # Q8_0: d, 32 int8
+        out[:] = _f16(b, 0)[..., None] * b[..., 2:].view(np.int8).astype(np.float64)
+    elif qtype == 12:  # Q4_K: d, dmin, 12 bytes of 6-bit scales/mins, 128 nibble bytes
+        d, dmin = _f16(b, 0), _f16(b, 2)
+        s = b[..., 4:16].astype(np.int64)
+        qs = b[..., 16:].astype(np.int64)
+        for j in range(8):
+            if j < 4:
+                sc, mn = s[..., j] & 63, s[..., j + 4] & 63
+            else:
+                sc = (s[..., j + 4] & 15) | ((s[..., j - 4] >> 6) << 4)
+                mn = (s[..., j + 4] >> 4) | ((s[..., j] >> 6) << 4)
+            chunk = qs[..., 32 * (j // 2) : 32 * (j // 2) + 32]
+            q = (chunk >> (4 * (j % 2))) & 15
+            # Both products are exact; ggml rounds their difference to float32 once.
+            v = (d * sc)[..., None] * q - (dmin * mn)[..., None]
+            out[..., 32 * j : 32 * j + 32] = v.astype(np.float32)
+    elif qtype == 14:  # Q6_K: ql[128], qh[64], int8 scales[16], d
+        ql = b[..., :128].astype(np.int64)
+        qh = b[..., 128:192].astype(np.int64)
+        sc = b[..., 192:208].view(np.int8).astype(np.float64)
+        d = _f16(b, 208)
+        for k in range(256):
+            half, r, pos = k // 128, (k % 128) // 32, k % 32
+            low = (ql[..., 64 * half + pos + 32 * (r % 2)] >> (4 * (r // 2))) & 15
+            high = (qh[..., 32 * half + pos] >> (2 * r)) & 3
+            q = (low | (high << 4)) - 32
+            out[..., k] = d * sc[..., 8 * half + 2 * r + pos // 16] * q
+    else:
+        raise ValueError(f"unknown ggml type {qtype}")
+    return torch.from_numpy(out.reshape(rows, nb * bs))
+
+
+def gguf_quantize(weight, qtype: int):
+    """llama.cpp's ``quantize_row_q4_0_ref`` / ``quantize_row_q8_0_ref`` (float32 arithmetic,
+    fp16 d rounded to nearest even), block by block: uint8 [rows, row_bytes] as a NumPy array."""
+    import numpy as np
+
+    w = _np(weight).astype(np.float32)
+    rows, k = w.shape
+    out = []
+    for blk in w.reshape(-1, 32):
+        if qtype == 8:
+            amax = np.float32(np.max(np.abs(blk)))
+            d = np.float32(amax / np.float32(127))
+            inv = np.float32(1) / d if d != 0 else np.float32(0)
+            # roundf: halves away from zero
+            q = [int(np.sign(v) * np.floor(abs(float(v)) + 0.5)) for v in blk * inv]
+            out.append(np.array([d], dtype=np.float32).astype(np.float16).view(np.uint8))
+            out.append(np.array(q, dtype=np.int8).view(np.uint8))
+        elif qtype == 2:
+            i = 0
+            for j in range(32):  # the first element of largest magnitude, sign kept
+                if abs(blk[j]) > abs(blk[i]):
+                    i = j
+            d = np.float32(blk[i] / np.float32(-8))
+            inv = np.float32(1) / d if d != 0 else np.float32(0)
+            q = [min(15, int(np.float32(np.float32(v * inv) + np.float32(8.5)))) for v in blk]
+            out.append(np.array([d], dtype=np.float32).astype(np.float16).view(np.uint8))
+            out.append(np.array([q[j] | (q[j + 16] << 4) for j in range(16)], dtype=np.uint8))
+        else:
+            raise ValueError(f"no reference quantizer for ggml type {qtype}")
+    return np.concatenate(out).reshape(rows, -1)
+
+
+def mlx_affine_quantize(weight, group_size: int, bits: int):
+    """MLX's affine quantizer (``mx.quantize``): codes [N, K] in 0..2^bits-1 (unpacked), scales
+    and biases [N, K/group_size], all float32 NumPy arrays, group by group."""
+    import numpy as np
+
+    w = _np(weight).astype(np.float32)
+    n, k = w.shape
+    levels = np.float32(2**bits - 1)
+    codes = np.zeros((n, k), dtype=np.int64)
+    scales = np.zeros((n, k // group_size), dtype=np.float32)
+    biases = np.zeros_like(scales)
+    for r in range(n):
+        for g in range(k // group_size):
+            x = w[r, g * group_size : (g + 1) * group_size]
+            hi, lo = x.max(), x.min()
+            s0 = max(np.float32((hi - lo) / levels), np.float32(1e-7))
+            edge, s = (lo, s0) if abs(lo) > abs(hi) else (hi, -s0)
+            q0 = np.rint(np.float32(edge / s))
+            if q0 != 0:
+                s, b = np.float32(edge / q0), edge
+            else:
+                b = np.float32(0)
+            codes[r, g * group_size : (g + 1) * group_size] = np.clip(
+                np.rint(((x - b) / s).astype(np.float32)), 0, levels
+            )
+            scales[r, g], biases[r, g] = s, b
+    return codes, scales, biases
+
+
+def affine_dequantize(qweight: Tensor, scales: Tensor, biases: Tensor, group_size: int, bits: int):
+    """Float64 weights [N, K] of an affine INT4 (low nibble = even k) or INT8 weight."""
+    q = qweight.to(torch.int64)
+    if bits == 4:
+        q = torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], 2 * q.shape[1])
+    s = scales.double().repeat_interleave(group_size, dim=1)
+    b = biases.double().repeat_interleave(group_size, dim=1)
+    return q.double() * s + b
+
+
+# --- LayerNorm -----------------------------------------------------------------------------------
+
+
+def layer_norm_stats(
+    x: Tensor, eps: float, opmath: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean and 1 / sqrt(var + eps) over the last dim (biased variance), in float64, keepdim.
+    With ``opmath=torch.float32`` it models what float32 accumulation cannot hold, as
+    :func:`rms_rstd` does: squared deviations below float32's normal range land on its
+    subnormal grid, and eps is rounded to float32."""
+    xd = x.to(torch.float64)
+    mean = xd.mean(-1, keepdim=True)
+    # One correction step makes the float64 mean exact for rows of equal values (whose variance
+    # is then exactly 0, not the square of the mean's rounding error).
+    mean = mean + (xd - mean).mean(-1, keepdim=True)
+    sq = (xd - mean) ** 2
+    if opmath == torch.float32:
+        tiny = torch.finfo(torch.float32).tiny
+        sq = torch.where(sq < tiny, sq.float().double(), sq)
+        eps = float(torch.tensor(eps, dtype=torch.float32))
+    return mean, torch.rsqrt(sq.mean(-1, keepdim=True) + eps)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    opmath: torch.dtype | None = None,
+) -> Tensor:
+    """LayerNorm over the last dim computed in float64, returned in float64."""
+    xd = x.to(torch.float64)
+    mean, rstd = layer_norm_stats(xd, eps, opmath)
+    y = (xd - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y
+
+
+def layer_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    opmath: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of :func:`layer_norm` in float64, written out:
+    dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), dw = sum g*xhat, db = sum g."""
+    xd, gd = x.to(torch.float64), grad_out.to(torch.float64)
+    mean, rstd = layer_norm_stats(xd, eps, opmath)
+    xhat = (xd - mean) * rstd
+    gw = gd * weight.to(torch.float64) if weight is not None else gd
+    dx = rstd * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+    rows = lambda t: t.flatten(0, -2) if t.dim() > 1 else t.unsqueeze(0)  # noqa: E731
+    return dx, rows(gd * xhat).sum(0), rows(gd).sum(0)
+
+
+# --- Attention -----------------------------------------------------------------------------------
+
+
+def attention_visibility(lq: int, lk: int, is_causal: bool, left: int, right: int) -> Tensor:
+    """[Lq, Lk] bool: which keys each query sees before the mask. is_causal: F.sdpa's top-left
+    diagonal (j <= i); windows: flash-attn's bottom-right alignment,
+    i + Lk - Lq - left <= j <= i + Lk - Lq + right (-1: unbounded on that side)."""
+    i = torch.arange(lq).unsqueeze(1)
+    j = torch.arange(lk).unsqueeze(0)
+    vis = torch.ones(lq, lk, dtype=torch.bool)
+    if is_causal:
+        vis &= j <= i
+    if left >= 0:
+        vis &= j >= i + (lk - lq) - left
+    if right >= 0:
+        vis &= j <= i + (lk - lq) + right
+    return vis
+
+
+def _attention_scores(q, k, mask, scale, is_causal, left, right):
+    """float64 scaled scores [B, Hq, Lq, Lk] (K repeated per query head) with the mask applied,
+    -inf where a key is not visible; and that visibility."""
+    q, k = q.double(), k.double()
+    g = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    kr = k.repeat_interleave(g, dim=1)
+    if scale is None:
+        scale = 1.0 / q.shape[-1] ** 0.5 if q.shape[-1] else 1.0
+    s = torch.matmul(q, kr.transpose(-1, -2)) * scale
+    vis = attention_visibility(q.shape[2], k.shape[2], is_causal, left, right).expand(s.shape)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            vis = vis & mask
+        else:
+            s = s + mask.double()
+    s = torch.where(vis, s, torch.full_like(s, float("-inf")))
+    return s, vis, scale, g
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+) -> tuple[Tensor, Tensor]:
+    """metalcore.attention's reference in float64: (out, lse), plain softmax over the full score
+    matrix. A row that sees no key gets out 0 and lse +inf (flash-attn's convention)."""
+    s, _, _, g = _attention_scores(q, k, mask, scale, is_causal, window_left, window_right)
+    lse = torch.logsumexp(s, dim=-1)
+    empty = lse == float("-inf")
+    p = torch.exp(s - torch.where(empty, 0.0, lse).unsqueeze(-1))
+    out = torch.matmul(p, v.double().repeat_interleave(g, dim=1))
+    out = torch.where(empty.unsqueeze(-1), 0.0, out)
+    return out, torch.where(empty, float("inf"), lse)
+
+
+def attention_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    scale: float | None,
+    is_causal: bool,
+    window_left: int,
+    window_right: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """metalcore.attention_backward's reference in float64, from the given out and lse:
+    P = exp(S - lse) (0 where not visible), D = rowsum(dO * out) - grad_lse,
+    dS = P (dO V^T - D), dq = scale dS K, dk = scale dS^T q, dv = P^T dO, with the gradients of
+    the query heads of each KV head summed (GQA)."""
+    s, vis, scale, g = _attention_scores(q, k, mask, scale, is_causal, window_left, window_right)
+    p = torch.where(vis, torch.exp(s - lse.double().unsqueeze(-1)), 0.0)
+    do = grad_out.double()
+    delta = (do * out.double()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.double()
+    vr = v.double().repeat_interleave(g, dim=1)
+    kr = k.double().repeat_interleave(g, dim=1)
+    ds = p * (torch.matmul(do, vr.transpose(-1, -2)) - delta.unsqueeze(-1))
+    dq = torch.matmul(ds, kr) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.double()) * scale
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    b, hkv, lk = k.shape[0], k.shape[1], k.shape[2]
+    dk = dk.reshape(b, hkv, g, lk, k.shape[3]).sum(2)
+    dv = dv.reshape(b, hkv, g, lk, v.shape[3]).sum(2)
+    return dq, dk, dv
+
+
+# --- Softmax -----------------------------------------------------------------------------------
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    """Softmax in float64 written out (exp(x - max) / sum), returned in x's dtype."""
+    xd = x.to(torch.float64)
+    if xd.numel() == 0:
+        return x.clone()
+    if xd.dim() == 0:
+        xd = xd.reshape(1)
+    e = torch.exp(xd - xd.amax(dim, keepdim=True))
+    return (e / e.sum(dim, keepdim=True)).reshape(x.shape).to(x.dtype)
+
+
+def log_softmax(x: Tensor, dim: int) -> Tensor:
+    """log_softmax in float64 written out ((x - max) - log(sum(exp(x - max)))), in x's dtype."""
+    xd = x.to(torch.float64)
+    if xd.numel() == 0:
+        return x.clone()
+    if xd.dim() == 0:
+        xd = xd.reshape(1)
+    shifted = xd - xd.amax(dim, keepdim=True)
+    out = shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def softmax_backward(grad_out: Tensor, output: Tensor, dim: int) -> Tensor:
+    """y * (g - sum(g * y)) in float64, in the output's dtype."""
+    g, y = grad_out.to(torch.float64), output.to(torch.float64)
+    if y.dim() == 0:
+        g, y = g.reshape(1), y.reshape(1)
+    out = y * (g - (g * y).sum(dim, keepdim=True))
+    return out.reshape(output.shape).to(output.dtype)
+
+
+def log_softmax_backward(grad_out: Tensor, output: Tensor, dim: int) -> Tensor:
+    """g - exp(y) * sum(g) in float64, in the output's dtype."""
+    g, y = grad_out.to(torch.float64), output.to(torch.float64)
+    if y.dim() == 0:
+        g, y = g.reshape(1), y.reshape(1)
+    out = g - torch.exp(y) * g.sum(dim, keepdim=True)
+    return out.reshape(output.shape).to(output.dtype)
+
+
+# --- Cross-entropy -----------------------------------------------------------------------------
+
+
+def cross_entropy(
+    x: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy over class indices written out in float64 (log-sum-exp, the target's
+    logit, label smoothing as torch defines it), returned in x's dtype."""
+    xd = x.to(torch.float64)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    logp = log_softmax(xd, 1) if xd.shape[0] else xd
+    nll = -logp.gather(1, safe.unsqueeze(1)).squeeze(1) if xd.shape[0] else xd.sum(1)
+    loss = (1.0 - label_smoothing) * nll
+    if label_smoothing > 0:
+        loss = loss + label_smoothing * -logp.mean(1)
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.to(x.dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / keep.sum()
+    return total.to(x.dtype)
+
+
+def cross_entropy_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """d loss / d x in float64: scale (softmax - (1 - eps) onehot - eps / C), 0 for ignored
+    rows, in x's dtype."""
+    xd = x.to(torch.float64)
+    n, c = xd.shape
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    p = softmax(xd, 1) if n else xd
+    onehot = torch.nn.functional.one_hot(safe, c).to(torch.float64) if n else xd
+    g = p - (1.0 - label_smoothing) * onehot - label_smoothing / c
+    scale = grad_loss.to(torch.float64).expand(n)
+    if reduction == "mean":
+        scale = scale / keep.sum()
+    g = torch.where(keep.unsqueeze(1), g * scale.unsqueeze(1), torch.zeros_like(g))
+    return g.to(x.dtype)
+
+
+def fused_linear_cross_entropy(
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """cross_entropy(x @ weight.T + bias) with the logits materialized, in float64."""
+    logits = x.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    return cross_entropy(logits, target, ignore_index, reduction, label_smoothing).to(x.dtype)
+
+
+def fused_linear_cross_entropy_backward(
+    grad_loss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) in float64 through the materialized logits:
+    G = d loss / d logits, then G @ weight, G^T @ x, sum(G); grad_bias is empty without bias."""
+    xd, wd = x.double(), weight.double()
+    logits = xd @ wd.T
+    if bias is not None:
+        logits = logits + bias.double()
+    g = cross_entropy_backward(
+        grad_loss.double(), logits, target, ignore_index, reduction, label_smoothing
+    )
+    gb = g.sum(0) if bias is not None else xd.new_empty(0)
+    return g @ wd, g.T @ xd, gb
+
+
+# --- embedding_bag -------------------------------------------------------------------------------
+
+
+def embedding_bag(
+    weight: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    mode: str = "mean",
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """torch.nn.functional.embedding_bag in float64 (PyTorch's own op: the user-facing semantics
+    metalcore.embedding_bag follows)."""
+    psw = None if per_sample_weights is None else per_sample_weights.double()
+    return torch.nn.functional.embedding_bag(
+        indices.long(),
+        weight.double(),
+        offsets.long(),
+        mode=mode,
+        per_sample_weights=psw,
+        include_last_offset=include_last_offset,
+        padding_idx=padding_idx,
+    )
+
+
+def embedding_bag_backward(
+    grad_out: Tensor,
+    weight: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    mode: str = "mean",
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(grad_weight, grad_per_sample_weights) in float64 through torch's autograd of
+    F.embedding_bag; the second is empty without per_sample_weights."""
+    w = weight.double().detach().requires_grad_()
+    psw = None
+    if per_sample_weights is not None:
+        psw = per_sample_weights.double().detach().requires_grad_()
+    out = embedding_bag(w, indices, offsets, mode, psw, include_last_offset, padding_idx)
+    leaves = [w] + ([psw] if psw is not None else [])
+    grads = torch.autograd.grad(out, leaves, grad_out.double(), allow_unused=True)
+    gw = grads[0] if grads[0] is not None else torch.zeros_like(w)
+    if psw is None:
+        return gw, w.new_empty(0)
+    gp = grads[1] if grads[1] is not None else torch.zeros_like(psw)
+    return gw, gp
+
+
+# --- LoRA linear ---------------------------------------------------------------------------------
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, bias=None
+) -> Tensor:
+    """F.linear(x, W, bias) + scaling * (x @ A^T) @ B^T in float64 (PEFT's LoRA Linear)."""
+    xd = x.double()
+    out = torch.nn.functional.linear(xd, weight.double(), None if bias is None else bias.double())
+    return out + scaling * (xd @ lora_a.double().T) @ lora_b.double().T
+
+
+def lora_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    bias=None,
+    weight_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_lora_a, grad_lora_b, grad_bias) in float64 through torch's
+    autograd of :func:`lora_linear`; grad_weight empty unless ``weight_grad``, grad_bias empty
+    without bias."""
+    leaves = [t.double().detach().requires_grad_() for t in (x, weight, lora_a, lora_b)]
+    b = None if bias is None else bias.double().detach().requires_grad_()
+    out = lora_linear(*leaves, scaling, b)
+    wanted = leaves + ([b] if b is not None else [])
+    grads = torch.autograd.grad(out, wanted, grad_out.double(), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted)]
+    gx, gw, ga, gb = grads[:4]
+    empty = gx.new_empty(0)
+    return gx, gw if weight_grad else empty, ga, gb, grads[4] if b is not None else empty
+
+
+# --- Linear algebra, second slice: QR, LU, solve ----------------------------------------------
+
+
+def qr(A: Tensor, mode: str = "reduced") -> tuple[Tensor, Tensor]:
+    """float64 LAPACK QR; a matrix with a non-finite entry gets Q and R's upper triangle NaN
+    (R's strict lower triangle is structurally zero)."""
+    A = A.double()
+    ok = _finite_matrices(A)
+    Q, R = torch.linalg.qr(torch.where(ok[..., None, None], A, 0.0), mode)
+    nan = float("nan")
+    upper = torch.ones(R.shape[-2:], dtype=torch.bool).triu()
+    R = torch.where(ok[..., None, None] & upper, R, torch.where(upper, nan, R))
+    if mode != "r":
+        Q = torch.where(ok[..., None, None], Q, nan)
+    return Q, R
+
+
+def lu_factor_ex(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 LAPACK getrf; a matrix with a non-finite entry gets an all-NaN LU, pivots
+    1..k and info 0 (metalcore's rule: LAPACK's pivoting around NaN is not defined)."""
+    A = A.double()
+    ok = _finite_matrices(A)
+    LU, piv, info = torch.linalg.lu_factor_ex(torch.where(ok[..., None, None], A, 0.0))
+    k = piv.shape[-1]
+    LU = torch.where(ok[..., None, None], LU, float("nan"))
+    ident = torch.arange(1, k + 1, dtype=torch.int32).expand_as(piv)
+    piv = torch.where(ok[..., None], piv, ident)
+    info = torch.where(ok, info, 0)
+    return LU, piv, info
+
+
+def lu_solve(
+    LU: Tensor, pivots: Tensor, B: Tensor, left: bool = True, adjoint: bool = False
+) -> Tensor:
+    return torch.linalg.lu_solve(LU.double(), pivots, B.double(), left=left, adjoint=adjoint)
+
+
+def solve_ex(A: Tensor, B: Tensor, left: bool = True) -> tuple[Tensor, Tensor]:
+    """float64 LAPACK gesv; the solution of an exactly singular matrix (info > 0) or of one
+    with a non-finite entry (whose LU is all NaN) is all NaN."""
+    A = A.double()
+    ok = _finite_matrices(A)
+    if B.dim() == A.dim() - 1:
+        # The op reads B as matrices; torch.linalg would read a B of shape A.shape[:-1] as a
+        # batch of vectors. A leading 1 keeps the broadcast batch and forces the matrix reading.
+        B = B.unsqueeze(0)
+    X, info = torch.linalg.solve_ex(torch.where(ok[..., None, None], A, 1.0), B.double(), left=left)
+    info = torch.where(ok, info, 0)
+    bad = (info != 0) | ~ok
+    return X.masked_fill(bad[..., None, None], float("nan")), info

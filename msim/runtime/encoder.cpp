@@ -11,6 +11,7 @@ struct msim_encoder {
   const KernelInfo* kernel = nullptr;
   Binding buffers[MSIM_MAX_BINDINGS];
   size_t tg_len[MSIM_MAX_BINDINGS] = {};
+  bool tg_set[MSIM_MAX_BINDINGS] = {};
   std::vector<std::pair<unsigned, double>> constants;  // function constant values
 };
 
@@ -56,12 +57,14 @@ int prepare(msim_encoder* e, Dispatch& d, std::vector<int>& used) {
                            p.name.c_str(), idx));
       used.push_back(idx);
     } else if (p.kind == "threadgroup") {
-      if (!e->tg_len[idx])
+      if (!e->tg_set[idx])
         return fail(
             format("msim: kernel '%s' parameter '%s' [[threadgroup(%d)]] has no "
                    "threadgroup memory length set",
                    name, p.name.c_str(), idx));
       d.tg_dyn_len[idx] = e->tg_len[idx];
+      d.tg_dyn_set[idx] =
+          true;  // 0 bytes is legal (ggml binds unused blocks so): any access faults
       tg_total += (e->tg_len[idx] + 15) & ~size_t(15);
     }
   }
@@ -192,6 +195,7 @@ MSIM_EXPORT int msim_set_bytes(msim_encoder* e, unsigned index, const void* data
 MSIM_EXPORT int msim_set_threadgroup_memory_length(msim_encoder* e, unsigned index, size_t length) {
   if (!e || check_index(index, "threadgroup")) return -1;
   e->tg_len[index] = length;
+  e->tg_set[index] = true;
   return 0;
 }
 

@@ -16,11 +16,6 @@
 namespace msim {
 namespace {
 
-struct FaultInfo {
-  int sig;
-  uintptr_t addr, pc;
-};
-__attribute__((tls_model("initial-exec"))) thread_local FaultInfo tls_fault;
 [[maybe_unused]] struct sigaction old_segv, old_bus, old_fpe;
 
 // Leaves a lane interrupted by the watchdog (the report is already filed).
@@ -74,15 +69,14 @@ std::string describe_address(Worker* w, uintptr_t addr) {
 // Runs on the faulting fiber's stack (outside the signal handler), so it may allocate and lock.
 [[noreturn, maybe_unused]] void fault_exit() {
   Worker* w = current_worker();
-  const FaultInfo f = tls_fault;
   std::string what;
-  if (f.sig == SIGFPE)
+  if (w->fault_sig == SIGFPE)
     what = "arithmetic exception (integer division by zero?)";
   else
-    what = describe_address(w, f.addr);
+    what = describe_address(w, w->fault_addr);
   w->d->report(format("msim: %s in kernel '%s', %s", what.c_str(), w->d->kernel->desc->host_name,
                       thread_desc(w->current->ids).c_str()),
-               f.pc);
+               w->fault_pc);
   abandon_lane(w);
 }
 
@@ -103,7 +97,9 @@ std::string describe_address(Worker* w, uintptr_t addr) {
     return;
   }
   auto* uc = static_cast<ucontext_t*>(uc_void);
-  tls_fault = {sig, (uintptr_t)si->si_addr, (uintptr_t)uc->uc_mcontext.gregs[REG_RIP]};
+  w->fault_sig = sig;
+  w->fault_addr = (uintptr_t)si->si_addr;
+  w->fault_pc = (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
   // Resume in fault_exit as if called, on the top of this lane's (abandoned) stack.
   uintptr_t sp = (((uintptr_t)w->current->stack_top - 256) & ~(uintptr_t)15) - 8;
   uc->uc_mcontext.gregs[REG_RSP] = (greg_t)sp;

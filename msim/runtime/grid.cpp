@@ -90,9 +90,11 @@ bool run_grid(Dispatch& d) {
                d.kernel->desc->host_name, d.opt.timeout));
     for (pthread_t t : watch.workers) pthread_kill(t, timeout_signal());
   });
+  ulp_dispatch_begin(d.opt);
   for (unsigned i = 1; i < n; ++i) extra.emplace_back(worker_loop, &d, &watch);
   worker_loop(&d, &watch);  // the calling thread works too
   for (auto& t : extra) t.join();
+  ulp_dispatch_end(d.opt);
   {
     std::lock_guard<std::mutex> lock(watch.mu);
     watch.done = true;

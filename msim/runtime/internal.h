@@ -36,6 +36,10 @@ int fail(const std::string& msg);  // sets the error, returns -1
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 enum class Order { kForward, kReverse, kRandom };
+// ulp mode: how math functions with an MSL accuracy bound deviate from the correctly rounded
+// result (see ulp.cpp): not at all, by a pseudo-random amount per input, or by the whole bound
+// upwards or downwards.
+enum class UlpMode { kOff, kRandom, kUp, kDown };
 
 struct Options {
   Order lane_order = Order::kForward;
@@ -49,6 +53,7 @@ struct Options {
   unsigned max_threads = 1024;
   size_t stack_size = 64 * 1024;
   double timeout = 120.0;
+  UlpMode ulp = UlpMode::kOff;
 };
 Options options_from_env();
 int set_option(Options& o, const char* key, const char* value);
@@ -67,6 +72,7 @@ struct Dispatch {
   Options opt;
   __msim_launch launch{};
   size_t tg_dyn_len[MSIM_MAX_BINDINGS] = {};
+  bool tg_dyn_set[MSIM_MAX_BINDINGS] = {};  // a length was set, possibly 0
   unsigned tg_size[3] = {1, 1, 1};
   unsigned groups[3] = {1, 1, 1};
   unsigned grid_threads[3] = {1, 1, 1};  // total threads (edge groups may be partial)
@@ -89,6 +95,11 @@ struct Dispatch {
 
   void report(const std::string& msg, uintptr_t pc = 0);
 };
+
+// ulp mode is counted process-wide so kernels skip the perturbation hook when no dispatch uses
+// it; the hook itself reads the running dispatch's options.
+void ulp_dispatch_begin(const Options& o);
+void ulp_dispatch_end(const Options& o);
 
 // Runs every threadgroup of `d` on worker threads; returns false if a detector fired.
 bool run_grid(Dispatch& d);

@@ -36,6 +36,19 @@ int set_option(Options& o, const char* key, const char* value) {
     if (parse_order(value, k == "lane_order" ? &o.lane_order : &o.tg_order)) return 0;
     return fail(format("msim: %s must be forward, reverse or random, not '%s'", key, value));
   }
+  if (k == "ulp") {
+    static const char* const kNames[] = {"off", "random", "up", "down"};
+    for (int i = 0; i < 4; ++i)
+      if (!strcmp(value, kNames[i])) {
+        o.ulp = (UlpMode)i;
+        return 0;
+      }
+    if (!strcmp(value, "0") || !strcmp(value, "1")) {
+      o.ulp = value[0] == '1' ? UlpMode::kRandom : UlpMode::kOff;
+      return 0;
+    }
+    return fail(format("msim: ulp must be off, random, up or down (or 0/1), not '%s'", value));
+  }
   if (!parse_num(value, &num))
     return fail(format("msim: option %s needs a non-negative number, not '%s'", key, value));
   if (k == "seed")
@@ -74,6 +87,7 @@ Options options_from_env() {
       {"MSIM_TG_MEM_LIMIT", "tg_mem_limit"},
       {"MSIM_STACK_SIZE", "stack_size"},
       {"MSIM_TIMEOUT", "timeout"},
+      {"MSIM_ULP", "ulp"},
   };
   for (const auto& v : kVars) {
     const char* s = getenv(v[0]);

@@ -217,7 +217,7 @@ void Worker::run_threadgroup(uint32_t linear_tg) {
   tg_vars.clear();
   tg_blocks.clear();
   for (int i = 0; i < MSIM_MAX_BINDINGS; ++i) {
-    if (!D.tg_dyn_len[i]) continue;
+    if (!D.tg_dyn_set[i]) continue;
     launch.threadgroup[i] = tg_alloc(D.tg_dyn_len[i], 16, nullptr, 0, i);
     arena_used += (D.tg_dyn_len[i] + 15) & ~size_t(15);
   }

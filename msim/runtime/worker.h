@@ -28,6 +28,11 @@ struct Worker {
   Lane* current = nullptr;
   bool in_lane = false;  // read by the signal handler
   bool abort = false;    // the running threadgroup hit a detector
+  // The fault being reported, written by the signal handler. It lives here, not in its own
+  // initial-exec thread_local: every msim library loaded into a process takes static TLS, of
+  // which glibc keeps little for dlopen (about 16 libraries at 32 bytes each; 64 at 8).
+  int fault_sig = 0;
+  uintptr_t fault_addr = 0, fault_pc = 0;
   void* tsan_main = nullptr;
   char exit_token = 0;  // race mode: lanes release it on exit, the worker acquires it
   // Race mode: one sync address per barrier / simd-group generation (ring of two), so a lane

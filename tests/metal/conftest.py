@@ -1,5 +1,6 @@
 """Fixtures for the Metal-path tests: the launch layer (csrc/*/<family>_launch.cpp) runs on CPU
-tensors through msim, via the test-only ``metalcore_msim`` ops (csrc/mps/README.md).
+tensors through msim, via the test-only ``metalcore_msim`` ops (csrc/mps/README.md), loaded by
+the msim backend of metalcore.testing.backends (the op contract's msim device).
 
 The kernel library is compiled from ``kernels/*.metal`` by msim (cached by content). Set
 ``METALCORE_REQUIRE_MSIM=1`` (CI does) to fail instead of skipping when msim cannot run here.
@@ -7,14 +8,12 @@ The kernel library is compiled from ``kernels/*.metal`` by msim (cached by conte
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
+from metalcore.testing import backends as bk
 from tests.support import REPO
 
 KERNELS = REPO / "kernels"
@@ -22,27 +21,11 @@ REQUIRE = os.environ.get("METALCORE_REQUIRE_MSIM") == "1"
 
 
 def _msim_ops_library() -> Path | None:
-    from metalcore import _library
-
-    for folder in {p.parent for p in _library._candidates()}:
-        path = folder / "libmetalcore_msim_ops.so"
-        if path.is_file():
-            return path
-    return None
-
-
-def _unavailable() -> str | None:
-    if importlib.util.find_spec("msim") is None:
-        return "msim is not importable"
-    if not (shutil.which("clang++-19") or shutil.which("clang++")):
-        return "msim needs clang-19"
-    if _msim_ops_library() is None:
-        return "libmetalcore_msim_ops was not built (needs msim/include at build time)"
-    return None
+    return bk._msim_library()
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = _unavailable()
+    reason = bk.msim_missing()
     if reason is None:
         return
     here = str(Path(__file__).parent)
@@ -54,21 +37,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def kernel_library() -> Path:
-    import msim
-
-    return msim.build([KERNELS], include_dirs=[KERNELS])
+def msim_backend() -> bk.Backend:
+    """The msim backend (the op contract's msim device): the Metal kernels, compiled by msim,
+    behind the launch layer, with guard pages around every buffer."""
+    reason = bk.load_msim()
+    if reason:
+        pytest.fail(reason)
+    return bk.backend("msim")
 
 
 @pytest.fixture(scope="session")
-def mops(kernel_library):
+def mops(msim_backend):
     """torch.ops.metalcore_msim with the kernel library loaded."""
-    torch.ops.load_library(str(_msim_ops_library()))
-    ops = torch.ops.metalcore_msim
-    ops.load_kernels(str(kernel_library))
-    # Bounds checking: buffers sit next to guard pages, so an out-of-range access faults.
-    ops.set_option("guard", "1")
-    return ops
+    return msim_backend.ops
 
 
 @pytest.fixture

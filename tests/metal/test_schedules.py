@@ -27,16 +27,18 @@ def schedule(mops, max_threads, request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_family(mops, schedule, dtype):
+def test_every_family(msim_backend, mops, schedule, dtype):
+    msim = msim_backend
     for n in (150, 300):  # single and looped at 64 threads
-        test_rmsnorm.check_forward(mops, "cpu", (9,), n, dtype, "offset", True, True)
-        test_rmsnorm.check_backward(mops, "cpu", (17,), n, dtype, "strided", True, True)
-    test_activation.check_activation(mops, "cpu", "swiglu", (3, 333), dtype, "offset")
-    test_activation.check_activation(mops, "cpu", "gelu_none", (1025,), dtype, "contiguous")
-    case = dict(b=2, hq=5, hk=2, s=3, d=18, rot=12, dtype=dtype, table="3d", fp32_table=True)
-    test_rope.check_rope(mops, "cpu", dict(case, layout="heads_transposed", interleaved=True))
+        test_rmsnorm.check(msim, "fused_add_rmsnorm", 9, n, dtype, "offset", True)
+        test_rmsnorm.check(msim, "fused_add_rmsnorm_backward", 17, n, dtype, "sliced", True, True)
+    test_activation.check(msim, "swiglu", (3, 333), dtype, "offset")
+    test_activation.check(msim, "swiglu_backward", (3, 333), dtype, "offset")
+    test_activation.check(msim, "gelu", (1025,), dtype, "contiguous")
+    test_activation.check(msim, "gelu_backward", (1025,), dtype, "contiguous")
+    test_rope.check(msim, 2, 5, 2, 3, 18, 12, dtype, "3d", "transposed", True, fp32_tables=True)
     # AdamW has no threadgroup memory, and the uninitialised-memory check reruns a dispatch,
     # which cannot restore tensors it updates in place through metadata pointers.
     mops.set_option("uninit_check", "0")
     specs = [(n, dtype, torch.float32) for n in (0, 5, 4097)] * 30
-    test_adamw.check_adamw(mops, "cpu", specs, amsgrad=True, maximize=False, steps=2)
+    test_adamw.check(msim, specs, amsgrad=True, maximize=False)

@@ -1,6 +1,8 @@
-"""The Metal kernels on a real Apple GPU: the cases of tests/metal (run there through msim) on
-MPS tensors through the user-facing ops, plus torch.compile and export on MPS. Skipped off-Mac;
-``METALCORE_REQUIRE_MPS=1`` (the macOS CI job) turns the skip into a failure."""
+"""The Metal kernels on a real Apple GPU: the op contract (the tests of tests/ops/test_contract.py
+and the fuzzer's numerics, collected here with the ``device`` fixture fixed to mps) plus the
+kernel variants the real pipeline limit selects, large AdamW lists and a training step across
+ops. Skipped off-Mac; ``METALCORE_REQUIRE_MPS=1`` (the macOS CI job) turns the skip into a
+failure."""
 
 from __future__ import annotations
 
@@ -8,46 +10,38 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 import metalcore
-from tests.metal import test_activation as act
-from tests.metal import test_adamw as adamw
-from tests.metal import test_rmsnorm as rms
-from tests.metal import test_rope as rope
-from tests.support import FLOAT_DTYPES, LAYOUTS
-
-HAVE_MPS = torch.backends.mps.is_available()
-if not HAVE_MPS and os.environ.get("METALCORE_REQUIRE_MPS") == "1":
-    raise RuntimeError("METALCORE_REQUIRE_MPS=1 but torch.backends.mps is not available")
-pytestmark = pytest.mark.skipif(not HAVE_MPS, reason="needs an Apple GPU (MPS)")
-
-ops = torch.ops.metalcore
-
-
-@given(
-    lead=rms.lead_shapes,
-    n=rms.row_sizes,
-    dtype=st.sampled_from(FLOAT_DTYPES),
-    layout=st.sampled_from(LAYOUTS),
-    with_weight=st.booleans(),
-    fused=st.booleans(),
+from metalcore.testing import backends as bk
+from metalcore.testing.op_specs import SPECS
+from tests.metal.test_adamw import DTYPE_PAIRS, adamw_sample
+from tests.metal.test_float64 import check_rejects_float64
+from tests.metal.test_rmsnorm import rms_case
+from tests.ops.test_contract import (  # noqa: F401  (the op contract, collected here for mps)
+    exported,
+    test_bad_input,
+    test_compile,
+    test_edge_cases,
+    test_export,
+    test_gradients,
+    test_opcheck,
 )
-def test_rmsnorm_forward(lead, n, dtype, layout, with_weight, fused):
-    rms.check_forward(ops, "mps", lead, n, dtype, layout, with_weight, fused)
+from tests.reliability.test_fuzz import test_matches_float64_reference  # noqa: F401
+from tests.support import seeded
+
+MPS = bk.backend("mps")
+WHY = MPS.unavailable()
+if WHY and os.environ.get("METALCORE_REQUIRE_MPS") == "1":
+    raise RuntimeError(f"METALCORE_REQUIRE_MPS=1 but metalcore {WHY}")
+pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@given(
-    lead=rms.lead_shapes,
-    n=rms.row_sizes,
-    dtype=st.sampled_from(FLOAT_DTYPES),
-    layout=st.sampled_from(LAYOUTS),
-    with_weight=st.booleans(),
-    grad_res=st.booleans(),
-)
-def test_rmsnorm_backward(lead, n, dtype, layout, with_weight, grad_res):
-    rms.check_backward(ops, "mps", lead, n, dtype, layout, with_weight, grad_res)
+@pytest.fixture(scope="session")
+def device() -> bk.Backend:
+    """The op contract's device, here only the Apple GPU."""
+    return MPS
 
 
 # The real pipeline limit decides the variant here: cover both sides of the 4096 cutoff.
@@ -55,56 +49,37 @@ def test_rmsnorm_backward(lead, n, dtype, layout, with_weight, grad_res):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_rmsnorm_variant_cutoffs(n, dtype):
     for layout in ("offset", "contiguous"):  # scalar and (for n % 4 == 0) vec4 kernels
-        rms.check_forward(ops, "mps", (3,), n, dtype, layout, True, True)
-        rms.check_backward(ops, "mps", (9,), n, dtype, layout, True, True)
+        for op, rows, extra in (
+            ("fused_add_rmsnorm", 3, {}),
+            ("fused_add_rmsnorm_backward", 9, {"grad_res": True}),
+        ):
+            bk.check_sample(SPECS[op], MPS, rms_case(op, rows, n, dtype, layout, True, **extra))
 
 
-def test_rmsnorm_empty_and_special_values():
-    rms.check_empty_and_special(ops, "mps")
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_metal_rejects_float64(op):
+    missing = MPS.op_unavailable(op)
+    if missing:
+        pytest.skip(missing)  # a family without Metal kernels yet
+    check_rejects_float64(MPS, op)
 
 
-@given(
-    kind=st.sampled_from(act.KINDS),
-    shape=act.shapes,
-    dtype=st.sampled_from(FLOAT_DTYPES),
-    layout=st.sampled_from(LAYOUTS),
-)
-def test_activation_forward_backward(kind, shape, dtype, layout):
-    act.check_activation(ops, "mps", kind, shape, dtype, layout)
-
-
-def test_activation_empty_and_special_values():
-    act.check_empty_and_special(ops, "mps")
-
-
-@given(c=rope.cases())
-def test_rope_forward_backward(c):
-    rope.check_rope(ops, "mps", c)
-
-
-def test_rope_empty_and_special_values():
-    rope.check_empty_and_special(ops, "mps")
-
-
-@given(
-    sizes=st.lists(st.sampled_from(adamw.SIZES + [1 << 20]), min_size=1, max_size=5),
-    pair=st.sampled_from(adamw.DTYPE_PAIRS),
-    amsgrad=st.booleans(),
-    maximize=st.booleans(),
-)
-def test_adamw_matches_cpu_and_reference(sizes, pair, amsgrad, maximize):
-    adamw.check_adamw(ops, "mps", [(n, *pair) for n in sizes], amsgrad, maximize)
+@pytest.mark.parametrize("pair", DTYPE_PAIRS)
+def test_adamw_large_tensors(pair):
+    sizes = [0, 1, 7, 4096, 4097, 1 << 20]
+    sample = adamw_sample([(n, *pair) for n in sizes], amsgrad=True, maximize=False)
+    bk.check_sample(SPECS["adamw"], MPS, sample)
 
 
 def test_adamw_more_tensors_than_one_launch():
     specs = [(n % 50 + (n == 3) * 4096, torch.float32, torch.float32) for n in range(150)]
-    adamw.check_adamw(ops, "mps", specs, amsgrad=True, maximize=False, steps=2)
+    bk.check_sample(SPECS["adamw"], MPS, adamw_sample(specs, amsgrad=True, maximize=False))
 
 
 def test_training_step_on_mps():
-    # Autograd routes the backward ops to the MPS kernels too; gradients match CPU.
-    x = torch.randn(4, 16, 96)
-    w = torch.randn(96)
+    # Autograd routes the backward ops to the MPS kernels across a small block; gradients match
+    # the CPU's.
+    x, w = seeded(4, 16, 96, seed=1), seeded(96, seed=2)
     grads = []
     for device in ("cpu", "mps"):
         leaves = [t.to(device).requires_grad_() for t in (x, w)]
@@ -113,35 +88,4 @@ def test_training_step_on_mps():
         out.sum().backward()
         grads.append([t.grad.cpu() for t in leaves])
     for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
-
-
-def test_compile_fullgraph_on_mps():
-    def block(x, r, w):
-        y, h = ops.fused_add_rmsnorm(x, r, w, 1e-6)
-        return ops.swiglu(ops.rmsnorm(y, w, 1e-6), ops.silu(h))
-
-    torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, dynamic=True)
-    for rows in (5, 9, 17):
-        args = [torch.randn(rows, 3, 64, device="mps"), torch.randn(rows, 3, 64, device="mps")]
-        args.append(torch.randn(64, device="mps"))
-        torch.testing.assert_close(compiled(*args), block(*args))
-
-
-def test_export_roundtrip_on_mps(tmp_path):
-    from tests.ops.test_rmsnorm import _Block
-    from tests.support import export_roundtrip
-
-    m = _Block(48).to("mps")
-    b, s = torch.export.Dim("b", max=64), torch.export.Dim("s", max=256)
-    args = (torch.randn(2, 5, 48, device="mps"), torch.randn(2, 5, 48, device="mps"))
-    other = (torch.randn(3, 11, 48, device="mps"), torch.randn(3, 11, 48, device="mps"))
-    export_roundtrip(
-        m,
-        args,
-        ({0: b, 1: s}, {0: b, 1: s}),
-        other,
-        tmp_path,
-        expect_ops=["metalcore.fused_add_rmsnorm.default", "metalcore.rmsnorm.default"],
-    )
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -4,18 +4,26 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import metalcore
 from metalcore.nn import FusedAddRMSNorm, RMSNorm
 from tests.support import TOL
 from tests.users_support import OpCounter, needs_transformers
+
+# Allowed error against float64, relative to the magnitude of the result: two roundings of the
+# output dtype (the op rounds its float32 result once; gradients add one more for the cancelling
+# terms of the RMSNorm backward).
+REL = {torch.float32: 2e-6, torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-8}
+
+
+def _assert_near(actual, expected64, rel, scale=None):
+    scale = expected64.abs().max() if scale is None else scale
+    torch.testing.assert_close(actual.double(), expected64, rtol=rel, atol=rel * float(scale))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("eps", [None, 1e-5])
 @pytest.mark.parametrize("affine", [True, False])
-def test_matches_torch_module_forward_and_backward(dtype, eps, affine):
+def test_matches_torch_module_and_float64_forward_and_backward(dtype, eps, affine):
     torch.manual_seed(0)
     ours = RMSNorm(96, eps=eps, elementwise_affine=affine, dtype=dtype)
     theirs = torch.nn.RMSNorm(96, eps=eps, elementwise_affine=affine, dtype=dtype)
@@ -29,24 +37,84 @@ def test_matches_torch_module_forward_and_backward(dtype, eps, affine):
         ya = ours(xa)
     assert counter.counts["rmsnorm"] == 1  # the op ran, not the fallback
     yb = theirs(xb)
-    torch.testing.assert_close(ya, yb, **TOL[dtype])
+    torch.testing.assert_close(ya, yb, **TOL[dtype])  # the drop-in: torch's module, same dtype
+    # The independent reference: plain float64 math on the same (rounded) inputs.
+    x64 = x.double().requires_grad_()
+    w64 = ours.weight.detach().double().requires_grad_() if affine else None
+    y64 = _rms_float64(x64, OPMATH_EPS[dtype] if eps is None else eps, w64)
+    _assert_near(ya, y64.detach(), REL[dtype])
     g = torch.randn_like(ya)
     ya.backward(g)
     yb.backward(g)
-    tol = dict(TOL[dtype]) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    y64.backward(g.double())
+    _assert_near(xa.grad, x64.grad, REL[dtype])
     if affine:
-        # grad_weight sums over 15 rows: a little more float32 reassociation than one row.
-        wtol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-1, atol=1e-1)
-        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **wtol)
+        # grad_weight sums g * x_hat over 15 rows, whose terms cancel: its error follows the
+        # sum of their magnitudes, not the result.
+        terms = (g.double() * y64.detach() / w64.detach()).abs().flatten(0, -2).sum(0)
+        _assert_near(ours.weight.grad, w64.grad, REL[dtype], scale=terms.max())
 
 
-def test_eps_none_is_finfo_eps_of_input_dtype():
-    # Rows of tiny values: the result depends visibly on eps, so a wrong default shows.
-    x = torch.full((2, 8), 1e-4)
-    m = RMSNorm(8, elementwise_affine=False)
-    torch.testing.assert_close(m(x), F.rms_norm(x, (8,), None, None), rtol=0, atol=1e-6)
-    torch.testing.assert_close(m(x), metalcore.rmsnorm(x, None, torch.finfo(torch.float32).eps))
+def _rms_float64(x, eps, weight=None):
+    """Plain float64 RMSNorm over the last dim: the independent reference."""
+    x64 = x.double()
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight.double()
+
+
+# eps=None in torch.nn.RMSNorm is the epsilon of the type torch computes in: float32's for
+# float16/bfloat16/float32 inputs, float64's for float64 (not the input dtype's own).
+OPMATH_EPS = {
+    torch.float16: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.float32).eps,
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.float64: torch.finfo(torch.float64).eps,
+}
+
+
+@pytest.mark.parametrize("dtype", list(OPMATH_EPS))
+@pytest.mark.parametrize("value", [1e-2, 1e-4])
+def test_eps_none_matches_torch_rmsnorm_in_every_dtype(dtype, value):
+    # Rows of small values: the result depends visibly on eps, so a wrong default shows (a
+    # bfloat16 row of 0.01s normalises to ~1.0 with float32's eps, to 0.11 with bfloat16's).
+    x = torch.full((2, 8), value, dtype=dtype)
+    r = torch.full((2, 8), value, dtype=dtype)
+    expected = _rms_float64(x, OPMATH_EPS[dtype])
+    tol = dict(TOL[dtype])
+    for affine in (False, True):
+        ours = RMSNorm(8, elementwise_affine=affine, dtype=dtype)
+        theirs = torch.nn.RMSNorm(8, elementwise_affine=affine, dtype=dtype)
+        with OpCounter() as counter:
+            y = ours(x)
+        assert counter.counts["rmsnorm"] == 1
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, theirs(x), **tol)
+        torch.testing.assert_close(y.double(), expected, **tol)
+        fused = FusedAddRMSNorm(8, elementwise_affine=affine, dtype=dtype)
+        with OpCounter() as counter:
+            y, h = fused(x, r)
+        assert counter.counts["fused_add_rmsnorm"] == 1
+        torch.testing.assert_close(y, theirs(x + r), **tol)
+        torch.testing.assert_close(y.double(), _rms_float64(x + r, OPMATH_EPS[dtype]), **tol)
+    if dtype == torch.bfloat16 and value == 1e-2:
+        assert abs(float(y[0, 0]) - 1.0) < 1e-2
+
+
+def test_integer_and_bool_inputs_raise_our_type_error():
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+        x = torch.ones(2, 8, dtype=dtype)
+        with pytest.raises(TypeError, match=r"metalcore.nn.RMSNorm: 'input' must be a floating"):
+            RMSNorm(8)(x)
+        with pytest.raises(TypeError, match=r"metalcore.nn.RMSNorm: 'input' .* got torch.int64"):
+            RMSNorm(8, elementwise_affine=False)(x.long())
+        f = torch.ones(2, 8)
+        with pytest.raises(TypeError, match=r"FusedAddRMSNorm: 'input' must be a floating"):
+            FusedAddRMSNorm(8)(x, f)
+        with pytest.raises(TypeError, match=r"FusedAddRMSNorm: 'residual' must be a floating"):
+            FusedAddRMSNorm(8)(f, x)
+    # Complex inputs are torch's case: they take torch's code, as in torch.nn.RMSNorm.
+    z = torch.randn(2, 8, dtype=torch.complex64)
+    torch.testing.assert_close(RMSNorm(8)(z), torch.nn.RMSNorm(8)(z))
 
 
 def test_constructor_parameters_state_dict_and_isinstance_match_torch():

@@ -139,6 +139,34 @@ def test_state_dict_round_trip_continues_identically(direction):
     assert o_other.state_dict()["state"][0]["step"].item() == 17.0
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_loads_integer_steps_as_torch_adamw_does(amsgrad):
+    # A torch.optim.AdamW state_dict whose steps are int64 tensors: torch's AdamW steps on from
+    # them, and so must ours, with the same parameters as torch's.
+    kw = dict(lr=2e-3, weight_decay=0.05, amsgrad=amsgrad)
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), **kw)
+    _train(m, opt, None, 5, torch.float32)
+    sd = copy.deepcopy(opt.state_dict())
+    for state in sd["state"].values():
+        state["step"] = state["step"].to(torch.int64)
+    results = []
+    for cls in (torch.optim.AdamW, AdamW):
+        model = copy.deepcopy(m)
+        o = cls(model.parameters(), **kw)
+        o.load_state_dict(copy.deepcopy(sd))
+        assert o.state_dict()["state"][0]["step"].dtype == torch.int64
+        with OpCounter() as counter:
+            _train(model, o, None, 4, torch.float32, start=5)
+        results.append((model, o, counter.counts))
+    (theirs_m, theirs, _), (ours_m, ours, counts) = results
+    assert counts["adamw"] == 4  # the fused op ran
+    for p, q in zip(ours_m.parameters(), theirs_m.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert ours.state[p]["step"].dtype == torch.float32
+        assert ours.state[p]["step"].item() == theirs.state[q]["step"].item() == 9
+
+
 def test_one_fused_launch_per_param_group():
     m = _model()
     opt = AdamW([{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 1e-2}], lr=1e-3)

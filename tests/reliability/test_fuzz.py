@@ -1,16 +1,19 @@
-"""Cross-backend fuzzing of every metalcore op against its float64 reference.
+"""Cross-backend fuzzing of every metalcore op against its float64 reference: the numerics of
+the op contract (its other checks are tests/ops/test_contract.py's).
 
 Every op registered in the dispatcher under ``metalcore::`` must have a spec in
 ``metalcore.testing.op_specs`` (so a new op without coverage fails here). For each op and each
-backend (cpu always; msim, cuda and mps where present, otherwise skipped with the reason),
-hypothesis draws shapes, dtypes, memory layouts, storage offsets and special values, and the
-outputs must match the float64 reference within the op's per-dtype tolerance, with inputs left
-untouched and outputs freshly written (allocations are NaN-poisoned while the op runs).
+device of the ``device`` fixture (cpu always; msim, cuda and mps where present, otherwise
+skipped with what they need), hypothesis draws shapes, dtypes, memory layouts, storage offsets,
+magnitudes across decades and special values, and the outputs must match the float64 reference
+within the op's tolerance (one table, ``op_specs.ROUNDING``), with inputs left untouched and
+outputs freshly written (allocations are NaN-poisoned while the op runs).
 
 Example counts: ``METALCORE_FUZZ_EXAMPLES`` (default: 5x the hypothesis profile's max_examples,
-50 per op and backend in CI); the ``long`` profile (METALCORE_HYPOTHESIS_PROFILE=long) is the
-on-demand deep run. A failure prints the sample and a ``@reproduce_failure`` blob, and is kept in
-the hypothesis example database, so the next run retries it first.
+50 per op and device in CI), ``METALCORE_FUZZ_MSIM_EXAMPLES`` for msim (default 1x: the
+simulator runs one fiber per GPU thread); the ``long`` profile (METALCORE_HYPOTHESIS_PROFILE=long)
+is the on-demand deep run. A failure prints the sample and a ``@reproduce_failure`` blob, and is
+kept in the hypothesis example database, so the next run retries it first.
 """
 
 import dataclasses
@@ -20,11 +23,11 @@ import sys
 
 import pytest
 import torch
-from hypothesis import assume, given, note, settings
-from hypothesis import strategies as st
+from hypothesis import assume, note, settings
 
 from metalcore.testing import backends as bk
 from metalcore.testing.op_specs import SPECS, HypothesisDrawer, registered_ops, sample
+from tests.support import run_examples, runs_op
 
 FUZZ_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_EXAMPLES", 5 * settings.default.max_examples))
 MSIM_EXAMPLES = int(os.environ.get("METALCORE_FUZZ_MSIM_EXAMPLES", settings.default.max_examples))
@@ -49,33 +52,20 @@ def test_every_op_has_bad_input_cases():
     assert all(spec.bad_inputs for spec in SPECS.values())
 
 
-def _fuzz_one(op, backend, data):
-    spec, be = SPECS[op], bk.backend(backend)
-    why = be.op_unavailable(op)
-    if why:
-        pytest.skip(why)
-    sample = spec.draw(HypothesisDrawer(data))
-    assume(be.supports(sample) is None)
-    note(f"sample: {sample.describe()}")
-    bk.check_sample(spec, be, sample)
-
-
-# Module-level @given under parametrize: hypothesis keys its example database by test id, so a
-# saved failure replays for the op and backend it came from.
-@pytest.mark.parametrize("backend", [b.name for b in bk.BACKENDS if b.name != "msim"])
 @pytest.mark.parametrize("op", sorted(SPECS))
-@settings(max_examples=FUZZ_EXAMPLES)
-@given(data=st.data())
-def test_matches_float64_reference(op, backend, data):
-    _fuzz_one(op, backend, data)
+def test_matches_float64_reference(op, device, request):
+    """Values against the float64 reference within the op's tolerance; inputs untouched,
+    outputs fresh, contiguous, of the input dtype and device."""
+    runs_op(device, op)
+    spec = SPECS[op]
 
+    def body(data):
+        drawn = spec.draw(HypothesisDrawer(data, device.limits))
+        assume(device.supports(drawn) is None)
+        note(f"sample: {drawn.describe()}")
+        bk.check_sample(spec, device, drawn)
 
-# The simulator runs one fiber per GPU thread: fewer, smaller samples (Backend.max_numel).
-@pytest.mark.parametrize("op", sorted(SPECS))
-@settings(max_examples=MSIM_EXAMPLES)
-@given(data=st.data())
-def test_msim_matches_float64_reference(op, data):
-    _fuzz_one(op, "msim", data)
+    run_examples(request, MSIM_EXAMPLES if device.name == "msim" else FUZZ_EXAMPLES, body)
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])

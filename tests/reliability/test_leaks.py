@@ -68,10 +68,22 @@ def _op_calls(spec, device="cpu"):
     return fn
 
 
+def settled_growth(fn, tries: int = 3) -> int:
+    """The smallest of up to ``tries`` measurements, stopping at the first under the slack: a
+    leak grows RSS in every round, while a one-off jump (a new malloc arena for a worker thread,
+    seen once in CI at 1.7 MiB) does not repeat."""
+    growth = rss_growth(fn)
+    for _ in range(tries - 1):
+        if growth < RSS_SLACK:
+            break
+        growth = min(growth, rss_growth(fn))
+    return growth
+
+
 @needs_proc
 def test_rss_detector_catches_a_planted_leak():
     kept = []
-    growth = rss_growth(lambda: kept.append(torch.ones(1024)))  # 4 KiB per call
+    growth = settled_growth(lambda: kept.append(torch.ones(1024)))  # 4 KiB per call
     assert growth > RSS_SLACK, f"planted leak of 4 KiB/call grew RSS by only {growth} bytes"
 
 
@@ -82,7 +94,7 @@ def test_cpu_rss_stays_flat(op):
     why = bk.backend("cpu").op_unavailable(op)
     if why:
         pytest.skip(why)
-    growth = rss_growth(_op_calls(spec))
+    growth = settled_growth(_op_calls(spec))
     assert growth < RSS_SLACK, (
         f"metalcore.{op}: RSS grew {growth / 2**20:.2f} MiB over {CALLS} calls"
     )
