@@ -673,12 +673,18 @@ def softmax_backward(grad_out: Tensor, output: Tensor, dim: int) -> Tensor:
     return out.reshape(output.shape).to(output.dtype)
 
 
-def log_softmax_backward(grad_out: Tensor, output: Tensor, dim: int) -> Tensor:
-    """g - exp(y) * sum(g) in float64, in the output's dtype."""
+def log_softmax_backward(
+    grad_out: Tensor, output: Tensor, dim: int, opmath: torch.dtype = torch.float64
+) -> Tensor:
+    """g - exp(y) * sum(g) in float64, in the output's dtype. exp(y) is zero where it underflows
+    in ``opmath`` (the math a kernel computes in): with an infinite sum(g) that decides between
+    NaN (0 * inf, as every float32 kernel and PyTorch's own give) and an infinity."""
     g, y = grad_out.to(torch.float64), output.to(torch.float64)
     if y.dim() == 0:
         g, y = g.reshape(1), y.reshape(1)
-    out = g - torch.exp(y) * g.sum(dim, keepdim=True)
+    e = torch.exp(y)
+    e = torch.where(e.to(opmath) == 0, torch.zeros_like(e), e)
+    out = g - e * g.sum(dim, keepdim=True)
     return out.reshape(output.shape).to(output.dtype)
 
 
