@@ -1,8 +1,8 @@
 // LoRA linear family: validation and the entry points, written once for every backend. The math
-// is a composition of at::mm/addmm (BLAS on the CPU, cuBLAS on CUDA): the matrix products are
-// what BLAS does best, and what the op adds is keeping the forward and backward each one node in
-// graphs while never forming the [out, in] matrix scaling * B @ A (r * out * in flops and a
-// weight-sized buffer per step): the low-rank path goes through the [M, r] activations.
+// is a composition of at::mm/addmm (BLAS on the CPU, cuBLAS on CUDA, MPS matmul on Metal): the
+// matrix products are what BLAS does best, and what the op adds is keeping the forward and backward
+// each one node in graphs while never forming the [out, in] matrix scaling * B @ A (r * out * in
+// flops and a weight-sized buffer per step): the low-rank path goes through the [M, r] activations.
 //
 //   forward:  h = scaling * x @ A^T [M, r];  y = bias + x @ W^T + h @ B^T  (two addmm into y)
 //   backward: u = scaling * g @ B [M, r];  dx = g @ W + u @ A;  dA = u^T @ x;
