@@ -32,6 +32,8 @@ only gauge-invariant losses (not depending on the vectors' signs) have well-defi
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 __all__ = [
@@ -55,6 +57,21 @@ _ops = torch.ops.metalcore
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+# Under torch.compile the wrappers return a namedtuple with the fields of torch's return type
+# (``.LU``, ``.info``, ... keep working in compiled code); eager mode returns torch's own type.
+_COMPILED_RESULTS: dict[str, type] = {}
+
+
+def _result(result_type: type, fields: str, values: tuple):
+    if not _compiling():
+        return result_type(values)
+    name = result_type.__name__
+    twin = _COMPILED_RESULTS.get(name)
+    if twin is None:
+        twin = _COMPILED_RESULTS[name] = collections.namedtuple(name, fields)
+    return twin(*values)
 
 
 def _raise_first(info: torch.Tensor, api: str, message, error=torch.linalg.LinAlgError) -> None:
@@ -94,9 +111,7 @@ def cholesky_ex(A: torch.Tensor, *, upper: bool = False, check_errors: bool = Fa
     L, info = _ops.cholesky_ex(A, upper)
     if check_errors:
         _raise_first(info, "linalg.cholesky_ex", _not_pd)
-    if _compiling():
-        return L, info
-    return torch.return_types.linalg_cholesky_ex((L, info))
+    return _result(torch.return_types.linalg_cholesky_ex, "L info", (L, info))
 
 
 def cholesky(A: torch.Tensor, *, upper: bool = False) -> torch.Tensor:
@@ -128,9 +143,7 @@ def eigh(A: torch.Tensor, UPLO: str = "L"):
     non-finite entry there or does not converge (eager mode)."""
     w, V, info = _ops.eigh(A, UPLO)
     _raise_first(info, "linalg.eigh", _no_convergence("eigenvalues"))
-    if _compiling():
-        return w, V
-    return torch.return_types.linalg_eigh((w, V))
+    return _result(torch.return_types.linalg_eigh, "eigenvalues eigenvectors", (w, V))
 
 
 def svd(A: torch.Tensor, full_matrices: bool = True, *, driver: str | None = None):
@@ -142,9 +155,7 @@ def svd(A: torch.Tensor, full_matrices: bool = True, *, driver: str | None = Non
         raise ValueError(f"metalcore.linalg.svd: 'driver' must be None, got {driver!r}")
     U, S, Vh, info = _ops.svd(A, full_matrices)
     _raise_first(info, "linalg.svd", _no_convergence("singular values"))
-    if _compiling():
-        return U, S, Vh
-    return torch.return_types.linalg_svd((U, S, Vh))
+    return _result(torch.return_types.linalg_svd, "U S Vh", (U, S, Vh))
 
 
 def qr(A: torch.Tensor, mode: str = "reduced"):
@@ -153,9 +164,7 @@ def qr(A: torch.Tensor, mode: str = "reduced"):
     ``'complete'``: Q [m, m], R [m, n]; ``'r'``: R only and an empty Q. A matrix with a NaN or
     Inf entry gets NaN factors."""
     Q, R = _ops.qr(A, mode)
-    if _compiling():
-        return Q, R
-    return torch.return_types.linalg_qr((Q, R))
+    return _result(torch.return_types.linalg_qr, "Q R", (Q, R))
 
 
 def _zero_pivot(code: int) -> str:
@@ -186,9 +195,7 @@ def lu_factor_ex(A: torch.Tensor, *, pivot: bool = True, check_errors: bool = Fa
     LU, pivots, info = _ops.lu_factor_ex(A)
     if check_errors:
         _raise_first(info, "torch.linalg.lu_factor_ex", _zero_pivot, RuntimeError)
-    if _compiling():
-        return LU, pivots, info
-    return torch.return_types.linalg_lu_factor_ex((LU, pivots, info))
+    return _result(torch.return_types.linalg_lu_factor_ex, "LU pivots info", (LU, pivots, info))
 
 
 def lu_factor(A: torch.Tensor, *, pivot: bool = True):
@@ -197,9 +204,7 @@ def lu_factor(A: torch.Tensor, *, pivot: bool = True):
     _check_pivot("lu_factor", pivot)
     LU, pivots, info = _ops.lu_factor_ex(A)
     _raise_first(info, "torch.linalg.lu_factor", _zero_pivot, RuntimeError)
-    if _compiling():
-        return LU, pivots
-    return torch.return_types.linalg_lu_factor((LU, pivots))
+    return _result(torch.return_types.linalg_lu_factor, "LU pivots", (LU, pivots))
 
 
 def lu_solve(
@@ -233,9 +238,7 @@ def solve_ex(A: torch.Tensor, B: torch.Tensor, *, left: bool = True, check_error
         X = X.squeeze(-1)
     if check_errors:
         _raise_first(info, "torch.linalg.solve_ex", _singular)
-    if _compiling():
-        return X, info
-    return torch.return_types.linalg_solve_ex((X, info))
+    return _result(torch.return_types.linalg_solve_ex, "result info", (X, info))
 
 
 def solve(A: torch.Tensor, B: torch.Tensor, *, left: bool = True) -> torch.Tensor:
@@ -460,6 +463,60 @@ def _qr_backward(ctx, gQ, gR):
 
 
 torch.library.register_autograd("metalcore::qr", _qr_backward, setup_context=_qr_setup)
+
+
+def _lu_factor_setup(ctx, inputs, output):
+    LU, pivots, _ = output
+    ctx.save_for_backward(LU, pivots)
+    ctx.set_materialize_grads(False)
+
+
+def _lu_factor_backward(ctx, gLU, _gpiv, _ginfo):
+    # A = P L U with L m x k unit lower, U k x n upper (k = min(m, n)); gLU packs the gradients
+    # of L (strictly below the diagonal) and U (on and above it), as torch's
+    # lu_factor_ex_backward reads them. With P^T dA split into a k x k leading block (X1 =
+    # L1^-1 dB1 U1^-1 = L1^-1 dL1 + dU1 U1^-1) and the rest, pairing the gradients with
+    # dL1 = L1 tril(X1, -1) and dU1 = triu(X1) U1 gives
+    #   square: gA = P L^-T G U^-T,  G = tril(L^T gL, -1) + triu(gU U^T);
+    #   wide (m < n, U = [U1 U2]): G = tril(L^T gL - gU2 U2^T, -1) + triu(gU1 U1^T),
+    #     gA = P L^-T [G U1^-T | gU2];
+    #   tall (m > n, L = [L1; L2]): G = tril(L1^T gL1, -1) + triu(gU U^T - L2^T gL2),
+    #     gA = P [L1^-T G U^-T; gL2 U^-T].
+    # The triangular solves are metalcore ops, so compiled backward graphs keep them.
+    if gLU is None:
+        return None
+    LU, pivots = ctx.saved_tensors
+    m, n = LU.shape[-2], LU.shape[-1]
+    k = min(m, n)
+    gLU = gLU.to(LU.dtype)
+    P, L, U = torch.lu_unpack(LU, pivots)
+    L1, U1 = L[..., :k, :], U[..., :, :k]
+    gL1 = gLU[..., :k, :k].tril(-1)
+    gU1 = gLU[..., :k, :k].triu()
+    G_low = L1.mT @ gL1
+    G_up = gU1 @ U1.mT
+    if n > k:
+        gU2 = gLU[..., :k, k:]
+        G_low = G_low - gU2 @ U[..., :, k:].mT
+    if m > k:
+        gL2 = gLU[..., k:, :k]
+        G_up = G_up - L[..., k:, :].mT @ gL2
+    G = G_low.tril(-1) + G_up.triu()
+    # X U1^T = G (a right-hand solve with the lower triangular U1^T), then L1^T Y = X.
+    top = _ops.solve_triangular(U1.mT, G, False, False, False)
+    top = _ops.solve_triangular(L1.mT, top, True, True, True)
+    if n > k:
+        gA = torch.cat([top, _ops.solve_triangular(L1.mT, gU2, True, True, True)], dim=-1)
+    elif m > k:
+        gA = torch.cat([top, _ops.solve_triangular(U1.mT, gL2, False, False, False)], dim=-2)
+    else:
+        gA = top
+    return P @ gA
+
+
+torch.library.register_autograd(
+    "metalcore::lu_factor_ex", _lu_factor_backward, setup_context=_lu_factor_setup
+)
 
 
 def _lu_solve_setup(ctx, inputs, output):
