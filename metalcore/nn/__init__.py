@@ -35,3 +35,8 @@ __all__ = [
 from .lora import LoRALinear  # noqa: E402
 
 __all__ += ["LoRALinear"]
+
+# --- embedding_bag
+from .embedding import EmbeddingBag  # noqa: E402
+
+__all__ += ["EmbeddingBag"]
