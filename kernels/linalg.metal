@@ -21,9 +21,10 @@ using namespace metal;
 using metalcore::linalg_k::kTileMaxN;
 using metalcore::linalg_k::Params;
 
-// Both address spaces at once: the device-memory variant's updates must be visible to the
-// threadgroup's other threads after each barrier.
-constant constexpr mem_flags kBoth = mem_flags::mem_threadgroup | mem_flags::mem_device;
+// Barriers order both address spaces: the device-memory variant's updates must be visible to the
+// threadgroup's other threads after each one.
+#define METALCORE_LINALG_BARRIER() \
+  threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device)
 
 // Factors the lower triangle of the n x n row-major matrix m in place (the strict upper triangle
 // is never read or written). Returns 0 or the failing pivot's 1-based order; uniform across the
@@ -31,13 +32,13 @@ constant constexpr mem_flags kBoth = mem_flags::mem_threadgroup | mem_flags::mem
 template <typename M>
 inline uint cholesky_in_place(M m, uint n, uint tid, uint tpg) {
   for (uint j = 0; j < n; ++j) {
-    threadgroup_barrier(kBoth);
+    METALCORE_LINALG_BARRIER();
     const float d = m[j * n + j];
     if (!(d > 0.0f && d < INFINITY)) return j + 1;
     const float ljj = sqrt(d);
-    threadgroup_barrier(kBoth);  // every thread has read the pivot before it is overwritten
+    METALCORE_LINALG_BARRIER();  // every thread has read the pivot before it is overwritten
     for (uint i = j + tid; i < n; i += tpg) m[i * n + j] = i == j ? ljj : m[i * n + j] / ljj;
-    threadgroup_barrier(kBoth);
+    METALCORE_LINALG_BARRIER();
     // Trailing update of the lower triangle: entry (i, c) for j < c <= i < n.
     const uint r = n - j - 1;
     for (uint t = tid; t < r * r; t += tpg) {
@@ -45,7 +46,7 @@ inline uint cholesky_in_place(M m, uint n, uint tid, uint tpg) {
       if (c <= i) m[i * n + c] -= m[i * n + j] * m[c * n + j];
     }
   }
-  threadgroup_barrier(kBoth);
+  METALCORE_LINALG_BARRIER();
   return 0;
 }
 
@@ -54,7 +55,7 @@ inline void cholesky_finish(device float* l, device int* info, uint n, uint fail
                             uint tpg, uint b) {
   // A failed factorization returned right after reading its pivot: let every thread have read
   // it before the NaN fill overwrites it (in place in L for the device-memory variant).
-  threadgroup_barrier(kBoth);
+  METALCORE_LINALG_BARRIER();
   for (uint t = tid; t < n * n; t += tpg) {
     if (fail != 0) {
       l[t] = NAN;
