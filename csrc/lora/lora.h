@@ -84,6 +84,14 @@ inline at::Tensor rows_of(const at::Tensor& t, int64_t n) {
   return t.reshape({m, n}).contiguous();
 }
 
+// The dtype the products run in: float32 for 16-bit inputs, so that each output is rounded once.
+// A float16 sum of two separately rounded products (x W^T, then + h B^T) overflows to inf where
+// the first product alone exceeds 65504 and the second brings the total back into range.
+inline at::Tensor in_opmath(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
 // Entry points for a backend b: B::Guard, b.check(op, arg, input) (the backend's own limits).
 template <typename B>
 at::Tensor forward(const B& b, const at::Tensor& input, const at::Tensor& weight,
@@ -95,11 +103,12 @@ at::Tensor forward(const B& b, const at::Tensor& input, const at::Tensor& weight
   const typename B::Guard guard(input.device());
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = dims.out;
-  const at::Tensor x = rows_of(input, dims.in);
-  const at::Tensor w = weight.contiguous(), a = lora_a.contiguous(), bm = lora_b.contiguous();
-  at::Tensor y = at::empty({x.size(0), dims.out}, input.options());
+  const at::Tensor x = in_opmath(rows_of(input, dims.in));
+  const at::Tensor w = in_opmath(weight.contiguous()), a = in_opmath(lora_a.contiguous()),
+                   bm = in_opmath(lora_b.contiguous());
+  at::Tensor y = at::empty({x.size(0), dims.out}, x.options());
   if (present(bias)) {
-    at::addmm_out(y, bias->contiguous(), x, w.t());
+    at::addmm_out(y, in_opmath(bias->contiguous()), x, w.t());
   } else {
     at::mm_out(y, x, w.t());
   }
@@ -109,7 +118,7 @@ at::Tensor forward(const B& b, const at::Tensor& input, const at::Tensor& weight
     const at::Tensor h = at::mm(x, a.t()).mul_(scaling);
     y.addmm_(h, bm.t());
   }
-  return y.view(shape);
+  return y.to(input.scalar_type()).view(shape);
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -130,9 +139,11 @@ Grads backward(const B& b, const at::Tensor& grad_out, const at::Tensor& input,
                     " (the output's), got ", grad_out.sizes());
   b.check(op, "input", input);
   const typename B::Guard guard(input.device());
-  const at::Tensor x = rows_of(input, dims.in);
-  const at::Tensor g = rows_of(grad_out, dims.out);
-  const at::Tensor w = weight.contiguous(), a = lora_a.contiguous(), bm = lora_b.contiguous();
+  const at::Tensor x = in_opmath(rows_of(input, dims.in));
+  const at::Tensor g = in_opmath(rows_of(grad_out, dims.out));
+  const at::Tensor w = in_opmath(weight.contiguous()), a = in_opmath(lora_a.contiguous()),
+                   bm = in_opmath(lora_b.contiguous());
+  const auto dtype = input.scalar_type();
   // at::mm of an empty inner dim gives zeros, so M == 0 and r == 0 need no special case.
   at::Tensor grad_rows = at::mm(g, w);  // [M, in]
   at::Tensor grad_a, grad_b;
@@ -146,9 +157,11 @@ Grads backward(const B& b, const at::Tensor& grad_out, const at::Tensor& input,
     grad_a = at::zeros_like(lora_a, at::MemoryFormat::Contiguous);
     grad_b = at::zeros_like(lora_b, at::MemoryFormat::Contiguous);
   }
-  at::Tensor grad_weight = weight_grad ? at::mm(g.t(), x) : at::empty({0}, weight.options());
-  at::Tensor grad_bias = present(bias) ? g.sum(0) : at::empty({0}, input.options());
-  return {grad_rows.view(input.sizes()), grad_weight, grad_a, grad_b, grad_bias};
+  at::Tensor grad_weight =
+      weight_grad ? at::mm(g.t(), x).to(dtype) : at::empty({0}, weight.options());
+  at::Tensor grad_bias = present(bias) ? g.sum(0).to(dtype) : at::empty({0}, input.options());
+  return {grad_rows.to(dtype).view(input.sizes()), grad_weight, grad_a.to(dtype), grad_b.to(dtype),
+          grad_bias};
 }
 
 template <typename B>
