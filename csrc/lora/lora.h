@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -74,6 +75,18 @@ inline Dims check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   return {in, out, rank};
 }
 
+// A contiguous copy at a 64-byte-aligned address (CPU) unless `t` already is one. BLAS (MKL) takes
+// another code path, and sums in another order, for a misaligned operand: an input view at an
+// odd storage offset gave other bits in eager mode than the aligned copy a compiled graph
+// passed.
+inline at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (c.is_cpu() && reinterpret_cast<std::uintptr_t>(c.const_data_ptr()) % 64 != 0) {
+    c = c.clone();
+  }
+  return c;
+}
+
 // [..., n] -> contiguous [M, n] (M from the leading sizes: reshape cannot infer it when n is 0).
 // Contiguous operands make the products independent of the callers' layouts: BLAS sums in
 // another order for a transposed operand, and a compiled graph (which may pass other layouts
@@ -81,7 +94,7 @@ inline Dims check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
 inline at::Tensor rows_of(const at::Tensor& t, int64_t n) {
   int64_t m = 1;
   for (int64_t i = 0; i + 1 < t.dim(); ++i) m *= t.size(i);
-  return t.reshape({m, n}).contiguous();
+  return aligned(t.reshape({m, n}));
 }
 
 // The dtype the products run in: float32 for 16-bit inputs, so that each output is rounded once.
@@ -104,11 +117,11 @@ at::Tensor forward(const B& b, const at::Tensor& input, const at::Tensor& weight
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = dims.out;
   const at::Tensor x = in_opmath(rows_of(input, dims.in));
-  const at::Tensor w = in_opmath(weight.contiguous()), a = in_opmath(lora_a.contiguous()),
-                   bm = in_opmath(lora_b.contiguous());
+  const at::Tensor w = in_opmath(aligned(weight)), a = in_opmath(aligned(lora_a)),
+                   bm = in_opmath(aligned(lora_b));
   at::Tensor y = at::empty({x.size(0), dims.out}, x.options());
   if (present(bias)) {
-    at::addmm_out(y, in_opmath(bias->contiguous()), x, w.t());
+    at::addmm_out(y, in_opmath(aligned(*bias)), x, w.t());
   } else {
     at::mm_out(y, x, w.t());
   }
@@ -141,8 +154,8 @@ Grads backward(const B& b, const at::Tensor& grad_out, const at::Tensor& input,
   const typename B::Guard guard(input.device());
   const at::Tensor x = in_opmath(rows_of(input, dims.in));
   const at::Tensor g = in_opmath(rows_of(grad_out, dims.out));
-  const at::Tensor w = in_opmath(weight.contiguous()), a = in_opmath(lora_a.contiguous()),
-                   bm = in_opmath(lora_b.contiguous());
+  const at::Tensor w = in_opmath(aligned(weight)), a = in_opmath(aligned(lora_a)),
+                   bm = in_opmath(aligned(lora_b));
   const auto dtype = input.scalar_type();
   // at::mm of an empty inner dim gives zeros, so M == 0 and r == 0 need no special case.
   at::Tensor grad_rows = at::mm(g, w);  // [M, in]
