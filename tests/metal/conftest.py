@@ -62,3 +62,54 @@ def max_threads(mops):
 
     yield set_limit
     mops.set_option("max_threads", "1024")
+
+
+# Other lane and threadgroup orders, with msim's uninitialised-threadgroup-memory check (each
+# dispatch rerun with another poison byte): a kernel that depends on an order Metal does not
+# guarantee, or reads a slot no thread wrote, fails under them.
+SCHEDULES = {
+    "reverse": {"lane_order": "reverse", "tg_order": "reverse", "uninit_check": "1"},
+    "random": {"lane_order": "random", "tg_order": "random", "seed": "7", "uninit_check": "1"},
+}
+_SCHEDULE_DEFAULTS = {"lane_order": "forward", "tg_order": "forward", "uninit_check": "0"}
+
+
+@pytest.fixture(params=list(SCHEDULES), ids=list(SCHEDULES))
+def schedule(mops, request):
+    """Runs the test under each of SCHEDULES, then restores msim's defaults."""
+    try:
+        for key, value in SCHEDULES[request.param].items():
+            mops.set_option(key, value)
+        yield request.param
+    finally:
+        for key, value in _SCHEDULE_DEFAULTS.items():
+            mops.set_option(key, value)
+
+
+def run_race_child(*argv: str) -> list[str]:
+    """Runs ``python argv... <race-mode kernel library>`` in a fresh process under
+    ThreadSanitizer (msim's race build: every threadgroup-memory access is instrumented), fails
+    on any report, and returns the kernel host names the child dispatched (it prints them after
+    ``dispatched:``)."""
+    import subprocess
+    import sys
+
+    import msim
+
+    lib = msim.build([KERNELS], include_dirs=[KERNELS], mode="tsan")
+    env = dict(os.environ, LD_PRELOAD=msim.tsan_runtime())
+    env["TSAN_OPTIONS"] = "halt_on_error=0 report_signal_unsafe=0"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, *argv, str(lib)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    log = proc.stdout + proc.stderr
+    assert "ThreadSanitizer" not in log, log[-6000:]
+    assert proc.returncode == 0, log[-6000:]
+    return log.split("dispatched:", 1)[1].split()

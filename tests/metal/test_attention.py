@@ -7,19 +7,15 @@ tests/reliability/test_fuzz.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from metalcore.testing import backends as bk
 from metalcore.testing import reference as ref
 from metalcore.testing.op_specs import SPECS, Sample, TensorArg
-from tests.support import REPO, seeded
+from tests.support import seeded
 
-from .conftest import KERNELS
+from .conftest import run_race_child
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -132,33 +128,15 @@ def test_head_dim_limit(mops, op):
         getattr(mops, op)(*args)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"lane_order": "reverse", "tg_order": "reverse", "uninit_check": "1"},
-        {"lane_order": "random", "tg_order": "random", "seed": "7", "uninit_check": "1"},
-    ],
-    ids=["reverse", "random"],
-)
-def test_schedules(msim_backend, mops, max_threads, options):
-    # Another lane and threadgroup order, and results checked not to depend on never-written
-    # threadgroup memory (the uninitialised-memory check reruns each dispatch with 0x00 poison).
+def test_schedules(msim_backend, schedule, max_threads):
+    # Results must not depend on the lane and threadgroup order or on never-written threadgroup
+    # memory.
     max_threads(64)  # two simdgroups: two owners per threadgroup
-    try:
-        for key, value in options.items():
-            mops.set_option(key, value)
-        check(
-            msim_backend,
-            _args(1, 2, 1, 5, 19, 16, 8, torch.bfloat16, "bool", seed=14),
-            torch.bfloat16,
-        )
-    finally:
-        for key, value in {
-            "lane_order": "forward",
-            "tg_order": "forward",
-            "uninit_check": "0",
-        }.items():
-            mops.set_option(key, value)
+    check(
+        msim_backend,
+        _args(1, 2, 1, 5, 19, 16, 8, torch.bfloat16, "bool", seed=14),
+        torch.bfloat16,
+    )
 
 
 RACE_CHILD = """
@@ -180,26 +158,8 @@ print("dispatched:", " ".join(sorted(ops.dispatched_kernel_names())))
 
 def test_race_free(mops):
     # The kernels share K/V (or q/grad_out) tiles between simdgroups through threadgroup memory:
-    # ThreadSanitizer (msim's race build) must see every tile write ordered before its reads.
-    import msim
-
-    lib = msim.build([KERNELS], include_dirs=[KERNELS], mode="tsan")
-    env = dict(os.environ, LD_PRELOAD=msim.tsan_runtime())
-    env["TSAN_OPTIONS"] = "halt_on_error=0 report_signal_unsafe=0"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", RACE_CHILD, str(lib)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    log = proc.stdout + proc.stderr
-    assert "ThreadSanitizer" not in log, log[-6000:]
-    assert proc.returncode == 0, log[-6000:]
-    dispatched = log.split("dispatched:", 1)[1].split()
+    # ThreadSanitizer must see every tile write ordered before its reads.
+    dispatched = run_race_child("-c", RACE_CHILD)
     for variant in ("fwd", "delta", "bwd_dq", "bwd_dkdv"):
         assert f"attention_{variant}_float32" in dispatched
 

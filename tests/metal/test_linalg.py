@@ -7,18 +7,13 @@ tests/reliability/test_fuzz.py, whose drawn orders stop at 33."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from metalcore.testing import backends as bk
 from metalcore.testing.op_specs import SPECS, Sample, TensorArg
-from tests.support import REPO
 
-from .conftest import KERNELS
+from .conftest import run_race_child
 
 
 def _spd(batch: int, n: int, seed: int) -> torch.Tensor:
@@ -96,29 +91,11 @@ def test_trsm_low_pipeline_limit(msim_backend, max_threads):
     _trsm(msim_backend, 20, 5, False, True, False)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"lane_order": "reverse", "tg_order": "reverse", "uninit_check": "1"},
-        {"lane_order": "random", "tg_order": "random", "seed": "7", "uninit_check": "1"},
-    ],
-    ids=["reverse", "random"],
-)
-def test_schedules(msim_backend, mops, max_threads, options):
+def test_schedules(msim_backend, schedule, max_threads):
     max_threads(64)
-    try:
-        for key, value in options.items():
-            mops.set_option(key, value)
-        for n in (9, 66):
-            _cholesky(msim_backend, _spd(2, n, seed=n), False)
-        _trsm(msim_backend, 37, 10, True, True, False)
-    finally:
-        for key, value in {
-            "lane_order": "forward",
-            "tg_order": "forward",
-            "uninit_check": "0",
-        }.items():
-            mops.set_option(key, value)
+    for n in (9, 66):
+        _cholesky(msim_backend, _spd(2, n, seed=n), False)
+    _trsm(msim_backend, 37, 10, True, True, False)
 
 
 RACE_CHILD = """
@@ -144,25 +121,7 @@ print("dispatched:", " ".join(sorted(ops.dispatched_kernel_names())))
 
 def test_race_free(mops):
     # Cholesky shares the matrix between threads (threadgroup or device memory) step by step:
-    # ThreadSanitizer (msim's race build) must see every update ordered before its reads.
-    import msim
-
-    lib = msim.build([KERNELS], include_dirs=[KERNELS], mode="tsan")
-    env = dict(os.environ, LD_PRELOAD=msim.tsan_runtime())
-    env["TSAN_OPTIONS"] = "halt_on_error=0 report_signal_unsafe=0"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", RACE_CHILD, str(lib)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    log = proc.stdout + proc.stderr
-    assert "ThreadSanitizer" not in log, log[-6000:]
-    assert proc.returncode == 0, log[-6000:]
-    dispatched = log.split("dispatched:", 1)[1].split()
+    # ThreadSanitizer must see every update ordered before its reads.
+    dispatched = run_race_child("-c", RACE_CHILD)
     for variant in ("cholesky_tile", "cholesky_device", "trsm"):
         assert f"linalg_{variant}_float32" in dispatched

@@ -138,32 +138,17 @@ def test_float64_scales_are_rejected(mops):
         mops.gguf_dequantize(torch.zeros(3, 18, dtype=torch.uint8), 2, torch.float64)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"lane_order": "reverse", "tg_order": "reverse", "uninit_check": "1"},
-        {"lane_order": "random", "tg_order": "random", "seed": "7", "uninit_check": "1"},
-    ],
-    ids=["reverse", "random"],
-)
-def test_schedules(msim_backend, mops, options):
+def test_schedules(msim_backend, schedule):
     # The tiled kernels share threadgroup tiles between simdgroups and the gemv kernel reduces
     # across lanes: neither may depend on the order threads run or read a tile slot no thread
-    # wrote (uninit_check reruns each dispatch with another poison byte).
-    try:
-        for key, value in options.items():
-            mops.set_option(key, value)
-        for op, fmt, code, m in (
-            ("int4_linear", "int4", 4, 3),
-            ("gguf_linear", "Q6_K", 14, 17),
-            ("int8_linear_backward", "int8", 8, 5),
-        ):
-            case = _product_case(op, fmt, code, 37, m, torch.bfloat16, True, "contiguous")
-            bk.check_sample(SPECS[op], msim_backend, case)
-    finally:
-        defaults = {"lane_order": "forward", "tg_order": "forward", "uninit_check": "0"}
-        for key, value in defaults.items():
-            mops.set_option(key, value)
+    # wrote.
+    for op, fmt, code, m in (
+        ("int4_linear", "int4", 4, 3),
+        ("gguf_linear", "Q6_K", 14, 17),
+        ("int8_linear_backward", "int8", 8, 5),
+    ):
+        case = _product_case(op, fmt, code, 37, m, torch.bfloat16, True, "contiguous")
+        bk.check_sample(SPECS[op], msim_backend, case)
 
 
 def _params(row_bytes, m, n, k, group, fmt):

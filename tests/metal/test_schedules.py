@@ -9,25 +9,10 @@ import torch
 
 from . import test_activation, test_adamw, test_rmsnorm, test_rope
 
-SCHEDULES = [
-    {"lane_order": "reverse", "tg_order": "reverse", "uninit_check": "1"},
-    {"lane_order": "random", "tg_order": "random", "seed": "7", "uninit_check": "1"},
-]
-DEFAULTS = {"lane_order": "forward", "tg_order": "forward", "uninit_check": "0"}
-
-
-@pytest.fixture(params=SCHEDULES, ids=["reverse", "random"])
-def schedule(mops, max_threads, request):
-    max_threads(64)  # several simdgroups per threadgroup and every variant at small sizes
-    for key, value in request.param.items():
-        mops.set_option(key, value)
-    yield
-    for key, value in DEFAULTS.items():
-        mops.set_option(key, value)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_family(msim_backend, mops, schedule, dtype):
+def test_every_family(msim_backend, mops, schedule, max_threads, dtype):
+    max_threads(64)  # several simdgroups per threadgroup and every variant at small sizes
     msim = msim_backend
     for n in (150, 300):  # single and looped at 64 threads
         test_rmsnorm.check(msim, "fused_add_rmsnorm", 9, n, dtype, "offset", True)
