@@ -3845,24 +3845,29 @@ def _softmax_sums(sample: Sample, term: Callable) -> torch.Tensor:
 _SOFTMAX_C = {"softmax": 16, "log_softmax": 4, "softmax_backward": 8, "log_softmax_backward": 8}
 
 
-def _softmax_tol(sample: Sample, index: int) -> Tolerance:
-    """The table's tolerance for softmax, plus the rounding of x - max per element: a relative
-    error of |x - max| / 2 opmath units, which grows for outputs far below the row's largest (every
-    softmax that computes exp(x - max) in the input's opmath has it, PyTorch's included)."""
-    base = tolerance(sample.dtype, _SOFTMAX_C["softmax"])
-    x, dim = sample.args[0].values.double(), sample.args[1]
-    if x.dim() == 0 or x.numel() == 0:
-        return base
-    with torch.no_grad():
-        y = ref.softmax(x, dim).abs()
-        gap = (x - x.amax(dim, keepdim=True)).abs()
-        # compare()'s own scale: the median of the finite nonzero outputs (1 where there are none).
-        bulk = y[torch.isfinite(y) & (y > 0)]
-        median = bulk.median() if bulk.numel() else torch.tensor(1.0, dtype=y.dtype)
-        # base.atol * extra = eps(opmath) * |y| * |x - max| / 2.
-        opmath_eps = ROUNDING[sample.dtype][1]
-        extra = torch.nan_to_num(y * gap * (opmath_eps / (2 * base.atol)), nan=0.0, posinf=0.0)
-    return replace(base, scale=median + extra)
+def _softmax_tol(log: bool):
+    """The table's tolerance plus the rounding of x - max per element, which exp turns into a
+    relative error of |x - max| / 2 opmath units (growing for outputs far below the row's
+    largest; every softmax computing exp(x - max) in the input's opmath has it, PyTorch's
+    included). log_softmax's (x - max) - log(sum) is off by opmath units of 1 + |x - max|, however
+    small the result (log(sum) of a sum that rounds to 1 is 0)."""
+    op = "log_softmax" if log else "softmax"
+
+    def tol(sample: Sample, index: int) -> Tolerance:
+        base = tolerance(sample.dtype, _SOFTMAX_C[op])
+        x, dim = sample.args[0].values.double(), sample.args[1]
+        if x.dim() == 0 or x.numel() == 0:
+            return base
+        eps = ROUNDING[sample.dtype][1]
+        with torch.no_grad():
+            gap = (x - x.amax(dim, keepdim=True)).abs()
+            if log:
+                extra = (1 + gap) * (_SOFTMAX_C[op] * eps)
+            else:
+                extra = ref.softmax(x, dim).abs() * gap * (eps / 2)
+        return replace(base, floor=torch.nan_to_num(extra, nan=0.0, posinf=0.0))
+
+    return tol
 
 
 def _softmax_backward_tol(log: bool):
@@ -3991,7 +3996,7 @@ def _build_softmax() -> dict[str, OpSpec]:
             "softmax",
             _draw_softmax,
             lambda x, dim: (ref.softmax(x.double(), dim),),
-            _softmax_tol,
+            _softmax_tol(log=False),
             bad["softmax"],
             gradient=grad["softmax"],
             edges=_softmax_edges("softmax"),
@@ -4000,7 +4005,7 @@ def _build_softmax() -> dict[str, OpSpec]:
             "log_softmax",
             _draw_softmax,
             lambda x, dim: (ref.log_softmax(x.double(), dim),),
-            _tol(_SOFTMAX_C["log_softmax"]),
+            _softmax_tol(log=True),
             bad["log_softmax"],
             gradient=grad["log_softmax"],
             edges=_softmax_edges("log_softmax"),
